@@ -1,0 +1,159 @@
+"""fsspec URIs everywhere: plain paths and ``file://`` locally, ``s3://`` through s3fs.
+
+Credentials and endpoints are never passed through here: s3fs/botocore read them from the standard
+``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` for a non-AWS endpoint), so nothing secret is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+
+from .errors import InvalidItemId, ObjectNotFound, TransientError
+
+_CHUNK = 1 << 20
+ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` (works for local paths and object stores alike)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_local(uri: str) -> bool:
+    return fsspec.core.url_to_fs(uri)[0].protocol in ("file", ("file", "local"), ("file", "local", "local"))
+
+
+def check_item_id(item_id: object) -> str:
+    """Return ``item_id`` if it is safe to use as a file name / object key, else raise `InvalidItemId`.
+
+    Allowed: letters, digits, ``.``, ``_``, ``-``; 1–128 characters; not ``.`` or ``..``.
+    """
+    if not isinstance(item_id, str) or not ITEM_ID_PATTERN.fullmatch(item_id) or set(item_id) == {"."}:
+        raise InvalidItemId(
+            f"item_id {item_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-' (no path separators)"
+        )
+    return item_id
+
+
+def _reraise_storage(uri: str, exc: BaseException) -> None:
+    if isinstance(exc, FileNotFoundError):
+        raise ObjectNotFound(f"{uri}: object not found") from exc
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        raise ObjectNotFound(f"{uri}: not a file") from exc
+    if isinstance(exc, PermissionError):
+        raise ObjectNotFound(f"{uri}: permission denied") from exc
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        raise TransientError(f"{uri}: storage error: {exc}") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object as bytes; a missing object raises `ObjectNotFound`, a storage fault `TransientError`."""
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - mapped to our error classes, others re-raised
+        _reraise_storage(uri, exc)
+        raise
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, suffix: str = "") -> Iterator[Path]:
+    """A local file holding the object at ``uri`` (the file itself when it is already local)."""
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        if not fs.exists(path):
+            raise ObjectNotFound(f"{uri}: object not found")
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="avatar-dl-") as tmp:
+        dest = Path(tmp) / f"object{suffix}"
+        try:
+            fs.get_file(path, str(dest))
+        except Exception as exc:  # noqa: BLE001
+            _reraise_storage(uri, exc)
+            raise
+        yield dest
+
+
+def publish_file(local_path: str | os.PathLike, uri: str) -> None:
+    """Place a finished local file at ``uri`` so that readers see it whole or not at all.
+
+    Local: copy to a hidden temporary name in the destination folder, fsync, then ``os.replace`` (atomic).
+    Object stores: a single PUT / completed multipart upload is invisible until complete, so a crashed
+    writer never leaves a partial object under the final key.
+    """
+    fs, path = filesystem(uri)
+    try:
+        if is_local(uri):
+            dest = Path(path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
+            try:
+                with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            fs.put_file(str(local_path), path)
+    except Exception as exc:  # noqa: BLE001
+        _reraise_storage(uri, exc)
+        raise
+
+
+def publish_bytes(data: bytes, uri: str) -> None:
+    """`publish_file` for small in-memory payloads (sidecars, results)."""
+    with tempfile.NamedTemporaryFile(prefix="avatar-pub-", delete=False) as tmp:
+        tmp.write(data)
+    try:
+        publish_file(tmp.name, uri)
+    finally:
+        os.unlink(tmp.name)
+
+
+def fetch_file(uri: str, local_path: str | os.PathLike) -> None:
+    """Download ``uri`` to ``local_path``."""
+    fs, path = filesystem(uri)
+    try:
+        fs.get_file(path, str(local_path))
+    except Exception as exc:  # noqa: BLE001
+        _reraise_storage(uri, exc)
+        raise
