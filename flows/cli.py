@@ -1,0 +1,110 @@
+"""`avatar-batch`: render a manifest, write a manifest for a folder, check a manifest.
+
+The CLI is the edge of the system: it is the only place that reads flags and turns them into the typed
+`PipelineConfig` handed to the flow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from manifests import ItemResult, ManifestError, load_manifest
+from manifests.folder import manifest_for_folder
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+@app.command()
+def render(
+    manifest: Annotated[str, typer.Argument(help="manifest URI (path, file://, s3://)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="output prefix (path, file://, s3://)")],
+    backend: Annotated[str, typer.Option(help="renderer")] = "preview",
+    cache: Annotated[Optional[str], typer.Option(help="cache prefix; default <output>/.cache")] = None,
+    max_workers: Annotated[int, typer.Option(help="concurrent stage tasks")] = 4,
+    retries: Annotated[int, typer.Option(help="retries of transient failures per stage")] = 3,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file with a full PipelineConfig")] = None,
+) -> None:
+    """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the manifest is unusable."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.render_manifest import ITEM_DONE, ItemsFailed, render_manifest
+    from tasks.config import PipelineConfig, RetryConfig
+
+    base = PipelineConfig.model_validate_json(config.read_text()) if config else PipelineConfig()
+    cfg = base.model_copy(update={"backend": backend, "cache_uri": cache or base.cache_uri, "max_workers": max_workers,
+                                  "retry": RetryConfig(**{**base.retry.model_dump(), "retries": retries})})
+    try:
+        total = len(load_manifest(manifest))
+    except ManifestError as exc:
+        console.print(f"[red]manifest rejected:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+    flow = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("rendering", total=total)
+
+        def item_done(item: ItemResult) -> None:
+            progress.advance(bar)
+            if item.status == "failed":
+                progress.console.print(f"[red]✗ {item.item_id}[/red] {item.error_class}: {item.error_message}")
+
+        token = ITEM_DONE.set(item_done)
+        try:
+            state = flow(manifest_uri=manifest, output_uri=output, backend=backend, config=cfg, return_state=True)
+        finally:
+            ITEM_DONE.reset(token)
+
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, ItemsFailed):
+        console.print(f"[red]{outcome}[/red]")
+        raise typer.Exit(1)
+    if isinstance(outcome, BaseException):
+        console.print(f"[red]run failed:[/red] {type(outcome).__name__}: {outcome}")
+        raise typer.Exit(2 if isinstance(outcome, ManifestError) else 1)
+    console.print(f"videos: {outcome['output_uri'].rstrip('/')}/videos/  results: {outcome['results_uri']}")
+    typer.echo(json.dumps(outcome, indent=2))
+
+
+@app.command("make-manifest")
+def make_manifest(
+    folder: Annotated[Path, typer.Argument(help="folder with portraits and audio files", exists=True, file_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write")],
+    portrait: Annotated[Optional[Path], typer.Option(help="use this portrait for every audio file")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="prompt for every row")] = None,
+) -> None:
+    """Write a manifest pairing each audio file in FOLDER with its portrait.
+
+    An audio file pairs with the portrait whose name is the longest prefix of its own name
+    (``alice_line01.wav`` → ``alice.png``); with a single portrait in the folder, every audio file uses it.
+    """
+    frame = manifest_for_folder(folder, portrait=portrait, prompt=prompt)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(output, index=False)
+    console.print(f"{len(frame)} rows → {output}")
+
+
+@app.command()
+def validate(manifest: Annotated[str, typer.Argument(help="manifest URI")]) -> None:
+    """Check a manifest without rendering: schema errors exit 2, bad rows exit 1."""
+    try:
+        rows = load_manifest(manifest)
+    except ManifestError as exc:
+        console.print(f"[red]manifest rejected:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    bad = [r for r in rows if r.error is not None]
+    for r in bad:
+        console.print(f"[red]row {r.row}[/red] {type(r.error).__name__}: {r.error}")
+    console.print(f"{len(rows)} rows, {len(bad)} invalid")
+    raise typer.Exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    app()

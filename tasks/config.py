@@ -1,0 +1,40 @@
+"""The one typed configuration of a pipeline run (a Prefect flow parameter, so the UI renders it as a form)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from avatar_model.config import AudioConfig, PreviewConfig, VideoConfig
+
+BACKENDS = ("preview",)
+
+
+class RetryConfig(BaseModel):
+    """Transient failures (storage, network, timeouts) are retried with exponential backoff and jitter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retries: int = Field(3, ge=0, le=10)
+    base_delay_seconds: float = Field(2.0, ge=0, description="delay before the first retry; doubles each time")
+    jitter_factor: float = Field(0.5, ge=0)
+
+    def delays(self) -> list[float]:
+        return [self.base_delay_seconds * 2**i for i in range(max(self.retries, 1))]
+
+
+class PipelineConfig(BaseModel):
+    """Every knob of a run. Storage credentials are not here: s3fs reads the standard AWS_* variables."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: str = Field("preview", description=f"renderer: one of {BACKENDS}")
+    cache_uri: str | None = Field(None, description="where stage artifacts are cached; default <output>/.cache")
+    max_workers: int = Field(4, ge=1, le=64, description="concurrent stage tasks in one flow run")
+    video: VideoConfig = VideoConfig()
+    audio: AudioConfig = AudioConfig()
+    preview: PreviewConfig = PreviewConfig()
+    retry: RetryConfig = RetryConfig()
+
+    def model_post_init(self, __context: object) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")
