@@ -56,7 +56,8 @@ def _type_ok(arrow_type: pa.DataType, kind: str) -> bool:
         return True  # an all-null optional column
     if kind == "string":
         return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
-    return pa.types.is_integer(arrow_type)
+    # pandas stores an integer column with gaps as float64; integral floats are accepted row by row
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
 
 
 def read_manifest_table(uri: str) -> pa.Table:
@@ -97,6 +98,8 @@ def _optional_int(value: Any, name: str, item: str) -> int | None:
     if value is None or pd.isna(value):
         return None
     lo, hi = OPTION_RANGES[name]
+    if float(value) != int(value):
+        raise InvalidParameter(f"{item}: {name}={value} is not an integer")
     if not lo <= int(value) <= hi:
         raise InvalidParameter(f"{item}: {name}={value} is outside [{lo}, {hi}]")
     return int(value)

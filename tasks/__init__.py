@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers (caching, retries, logging) over the plain stage functions."""

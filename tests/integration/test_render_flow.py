@@ -1,0 +1,105 @@
+"""The render_manifest flow end to end on the preview backend, under a real (temporary) Prefect API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from avatar_model.media.video import probe
+from flows.render_manifest import ItemsFailed, render_manifest
+from tasks.config import PipelineConfig, RetryConfig
+
+FAST = PipelineConfig(retry=RetryConfig(retries=2, base_delay_seconds=0.05))
+
+
+def _tree(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_demo_manifest_renders_in_spec_and_rerun_is_all_cache_hits(tmp_path, demo_dir):
+    out = tmp_path / "out"
+    summary = render_manifest(str(demo_dir.parent / "demo.parquet"), str(out), config=FAST)
+    results = pd.read_parquet(out / "results.parquet")
+    assert summary["succeeded"] == len(results) == 3 and summary["failed"] == 0
+    for row in results.itertuples():
+        info = probe(row.output_uri)
+        assert (info.video_streams, info.audio_streams) == (1, 1)
+        assert (info.video_codec, info.audio_codec) == ("h264", "aac")
+        assert info.video_frames == row.frame_count == round(row.audio_seconds * 25)
+        assert abs(info.audio_duration_s - info.video_frames / 25) <= 0.040
+        sidecar = json.loads(Path(row.sidecar_uri).read_text())
+        assert sidecar["sha256"] == row.sha256 and sidecar["item_id"] == row.item_id
+    before = _tree(out)
+
+    again = render_manifest(str(demo_dir.parent / "demo.parquet"), str(out), config=FAST)
+    rerun = pd.read_parquet(out / "results.parquet")
+    assert again["failed"] == 0
+    assert (rerun["cache_hits"] == 6).all()  # 5 cached stages + an untouched publish, per item
+    stage_columns = [c for c in rerun.columns if c.startswith("seconds_") and c not in ("seconds_fingerprint",
+                                                                                          "seconds_publish")]
+    assert (rerun[stage_columns] == 0).all().all()
+    assert list(rerun["sha256"]) == list(results["sha256"])
+    after = _tree(out)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {"results.parquet", "summary.json"}, changed  # no video or cache artifact rewritten
+
+
+def test_bad_rows_fail_alone_with_clear_errors_and_nothing_leaks(tmp_path, inputs, write_manifest):
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "mixed.parquet", [
+        ("good-1", str(inputs / "face.png"), str(inputs / "hello.wav")),
+        ("missing-file", str(inputs / "nope.png"), str(inputs / "hello.wav")),
+        ("corrupt-audio", str(inputs / "face.png"), str(inputs / "corrupt.wav")),
+        ("empty-audio", str(inputs / "face.png"), str(inputs / "empty.wav")),
+        ("no-face", str(inputs / "no_face.png"), str(inputs / "hello.wav")),
+        ("good-1", str(inputs / "face.png"), str(inputs / "fox.wav")),
+        ("../escape", str(inputs / "face.png"), str(inputs / "fox.wav")),
+        ("good-2", str(inputs / "same_face_other_name.png"), str(inputs / "fox.wav")),
+    ])
+    outside_before = _tree(tmp_path)
+    with pytest.raises(ItemsFailed, match="6 of 8 items failed"):
+        render_manifest(manifest, str(out), config=FAST)
+
+    results = pd.read_parquet(out / "results.parquet").set_index("row")
+    expected = {1: "ObjectNotFound", 2: "UndecodableAudio", 3: "EmptyAudio", 4: "FaceNotFound",
+                5: "DuplicateItemId", 6: "InvalidItemId"}
+    assert results.loc[[0, 7], "status"].tolist() == ["succeeded", "succeeded"]
+    for row, error_class in expected.items():
+        assert results.loc[row, "status"] == "failed"
+        assert results.loc[row, "error_class"] == error_class
+        assert results.loc[row, "error_message"]
+        assert results.loc[row, "attempts"] <= 1, "permanent errors are never retried"
+    assert "nope.png" in results.loc[1, "error_message"]
+    assert "no face" in results.loc[4, "error_message"]
+    # the same portrait bytes under another name is one cache entry
+    assert results.loc[7, "seconds_prepare_portrait"] == 0.0 or results.loc[0, "seconds_prepare_portrait"] == 0.0
+
+    videos = sorted(p.name for p in (out / "videos").iterdir())
+    assert videos == ["good-1.json", "good-1.mp4", "good-2.json", "good-2.mp4"]
+    outside_after = {k: v for k, v in _tree(tmp_path).items() if not k.startswith("out/")}
+    assert outside_after == outside_before
+
+
+def test_new_seed_reuses_prepared_inputs_but_renders_again(tmp_path, inputs, write_manifest):
+    out = tmp_path / "out"
+    rows = [("a", str(inputs / "face.png"), str(inputs / "hello.wav"))]
+    render_manifest(write_manifest(tmp_path / "m1.parquet", rows, seed=[1]), str(out), config=FAST)
+    first = pd.read_parquet(out / "results.parquet").iloc[0]
+    render_manifest(write_manifest(tmp_path / "m2.parquet", rows, seed=[2]), str(out), config=FAST)
+    second = pd.read_parquet(out / "results.parquet").iloc[0]
+    assert second["cache_hits"] == 2  # both prepare stages
+    assert second["seconds_generate"] > 0 and second["seconds_decode"] > 0
+    assert second["sha256"] != first["sha256"]
+
+
+def test_manifest_schema_error_stops_the_run_before_any_work(tmp_path):
+    manifest = tmp_path / "bad.parquet"
+    pd.DataFrame({"item_id": ["a"], "portrait": ["p.png"]}).to_parquet(manifest)
+    state = render_manifest(str(manifest), str(tmp_path / "out"), config=FAST, return_state=True)
+    assert state.is_failed()
+    assert "missing required column" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from avatar_model.errors import DuplicateItemId, InvalidItemId, InvalidParameter
+from manifests import ItemResult, ManifestError, load_manifest, write_results
+from manifests.folder import manifest_for_folder
+
+
+def _write(tmp_path: Path, table: pa.Table | pd.DataFrame) -> str:
+    path = tmp_path / "m.parquet"
+    if isinstance(table, pd.DataFrame):
+        table.to_parquet(path, index=False)
+    else:
+        pq.write_table(table, path)
+    return str(path)
+
+
+def test_rows_resolve_relative_uris_and_carry_extra_columns(tmp_path):
+    uri = _write(tmp_path, pd.DataFrame({
+        "item_id": ["a", "b"], "portrait_uri": ["p.png", "/abs/p.png"], "audio_uri": ["x/a.wav", "s3://b/a.wav"],
+        "seed": [7, 8], "language": ["de", "fr"],
+    }))
+    rows = load_manifest(uri)
+    assert [r.error for r in rows] == [None, None]
+    assert rows[0].portrait_uri == str(tmp_path / "p.png")
+    assert rows[0].audio_uri == str(tmp_path / "x" / "a.wav")
+    assert rows[1].portrait_uri == "/abs/p.png" and rows[1].audio_uri == "s3://b/a.wav"
+    assert rows[0].seed == 7 and rows[0].extra == {"language": "de"}
+
+
+def test_not_parquet_is_a_schema_error(tmp_path):
+    path = tmp_path / "m.parquet"
+    path.write_text("item_id,portrait_uri\n")
+    with pytest.raises(ManifestError, match="not a readable Parquet"):
+        load_manifest(str(path))
+
+
+def test_missing_manifest_is_a_schema_error(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(str(tmp_path / "absent.parquet"))
+
+
+def test_missing_required_column_names_it(tmp_path):
+    uri = _write(tmp_path, pd.DataFrame({"item_id": ["a"], "portrait_uri": ["p.png"]}))
+    with pytest.raises(ManifestError, match="audio_uri"):
+        load_manifest(uri)
+
+
+def test_wrong_column_type_names_it(tmp_path):
+    uri = _write(tmp_path, pd.DataFrame({"item_id": [1], "portrait_uri": ["p"], "audio_uri": ["a"]}))
+    with pytest.raises(ManifestError, match="'item_id' must be string"):
+        load_manifest(uri)
+    uri = _write(tmp_path, pd.DataFrame({"item_id": ["a"], "portrait_uri": ["p"], "audio_uri": ["a"], "seed": ["x"]}))
+    with pytest.raises(ManifestError, match="'seed' must be integer"):
+        load_manifest(uri)
+
+
+def test_row_level_problems_fail_only_their_row(tmp_path):
+    uri = _write(tmp_path, pd.DataFrame({
+        "item_id": ["ok", "../escape", "ok", "", "x" * 129, "blank", "crf"],
+        "portrait_uri": ["p", "p", "p", "p", "p", " ", "p"],
+        "audio_uri": ["a"] * 7,
+        "crf": [None, None, None, None, None, None, 99],
+    }))
+    rows = load_manifest(uri)
+    kinds = [type(r.error) if r.error else None for r in rows]
+    assert kinds == [None, InvalidItemId, DuplicateItemId, InvalidItemId, InvalidItemId, InvalidParameter,
+                     InvalidParameter]
+    assert "repeats row 0" in str(rows[2].error)
+    assert "'../escape'" in str(rows[1].error)
+
+
+def test_results_are_written_whole_with_extra_columns(tmp_path):
+    out = tmp_path / "out" / "results.parquet"
+    results = [
+        ItemResult(row=1, item_id="b", status="failed", backend="preview", error_class="FaceNotFound",
+                   error_message="b: no face", extra={"status": "clash", "language": "de"}),
+        ItemResult(row=0, item_id="a", status="succeeded", backend="preview", frame_count=10,
+                   stage_seconds={"decode": 1.5}, extra={"language": "fr"}),
+    ]
+    frame = write_results(results, str(out))
+    back = pd.read_parquet(out)
+    assert list(back["item_id"]) == ["a", "b"]  # manifest order
+    assert back.loc[0, "seconds_decode"] == 1.5 and back.loc[1, "manifest_status"] == "clash"
+    assert list(back["language"]) == ["fr", "de"]
+    assert list(frame.columns) == list(back.columns)
+    assert [p.name for p in out.parent.iterdir()] == ["results.parquet"]
+
+
+def test_folder_manifest_pairs_audio_with_longest_prefix_portrait(tmp_path):
+    for name in ["alice.png", "alice_b.jpg", "bob.png", "alice_b_01.wav", "alice_02.mp3", "bob 3.wav"]:
+        (tmp_path / name).write_bytes(b"x")
+    frame = manifest_for_folder(tmp_path).set_index("item_id")
+    assert Path(frame.loc["alice_b_01", "portrait_uri"]).name == "alice_b.jpg"
+    assert Path(frame.loc["alice_02", "portrait_uri"]).name == "alice.png"
+    assert Path(frame.loc["bob_3", "portrait_uri"]).name == "bob.png"
+    (tmp_path / "carol.wav").write_bytes(b"x")
+    with pytest.raises(ValueError, match="carol.wav"):
+        manifest_for_folder(tmp_path)
