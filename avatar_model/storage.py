@@ -111,10 +111,14 @@ def local_copy(uri: str, suffix: str = "") -> Iterator[Path]:
         yield dest
 
 
+PARTIAL_DIR = ".partial"
+
+
 def publish_file(local_path: str | os.PathLike, uri: str) -> None:
     """Place a finished local file at ``uri`` so that readers see it whole or not at all.
 
-    Local: copy to a hidden temporary name in the destination folder, fsync, then ``os.replace`` (atomic).
+    Local: copy into a hidden ``.partial/`` folder beside the destination, fsync, then ``os.replace`` (atomic
+    on one filesystem); a crash leaves at most a file in ``.partial/``, never one under the final name.
     Object stores: a single PUT / completed multipart upload is invisible until complete, so a crashed
     writer never leaves a partial object under the final key.
     """
@@ -122,8 +126,9 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
     try:
         if is_local(uri):
             dest = Path(path)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
+            staging = dest.parent / PARTIAL_DIR
+            staging.mkdir(parents=True, exist_ok=True)
+            tmp = staging / f"{dest.name}.{uuid.uuid4().hex}"
             try:
                 with open(local_path, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
@@ -132,6 +137,8 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                staging.rmdir()  # only when empty: another writer may be mid-copy
         else:
             fs.put_file(str(local_path), path)
     except Exception as exc:  # noqa: BLE001
