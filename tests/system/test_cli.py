@@ -1,0 +1,43 @@
+"""The `avatar-batch` command's contract: exit codes and the folder → manifest command."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.system
+
+
+def test_make_manifest_then_validate_then_render_with_a_bad_row(tmp_path, demo_dir, prefect_server, cli):
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    shutil.copy(demo_dir / "astronaut.png", folder / "astro.png")
+    shutil.copy(demo_dir / "hello_en_us.wav", folder / "astro_hello.wav")
+    (folder / "astro_broken.wav").write_bytes(b"not audio at all")
+    manifest = tmp_path / "catalog.parquet"
+
+    made = cli(["make-manifest", str(folder), "--output", str(manifest)], {})
+    assert made.returncode == 0, made.stderr
+    frame = pd.read_parquet(manifest)
+    assert sorted(frame["item_id"]) == ["astro_broken", "astro_hello"]
+
+    assert cli(["validate", str(manifest)], {}).returncode == 0
+
+    rendered = cli(["render", str(manifest), "--output", str(tmp_path / "out")], prefect_server)
+    assert rendered.returncode == 1
+    assert "astro_broken" in rendered.stderr and "UndecodableAudio" in rendered.stderr
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("item_id")
+    assert results.loc["astro_hello", "status"] == "succeeded"
+    assert results.loc["astro_broken", "status"] == "failed"
+
+
+def test_unusable_manifest_exits_2_with_one_clear_message(tmp_path, cli):
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"item_id": ["a"], "audio_uri": ["x.wav"]}).to_parquet(bad)
+    for command in (["validate", str(bad)], ["render", str(bad), "--output", str(tmp_path / "out")]):
+        done = cli(command, {})
+        assert done.returncode == 2
+        assert "missing required column(s) ['portrait_uri']" in done.stderr
+    assert not (tmp_path / "out").exists()
