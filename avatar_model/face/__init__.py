@@ -1,0 +1,1 @@
+"""Face detection and the landmarks the preview warp needs."""

@@ -1,0 +1,1 @@
+"""The CPU ``preview`` backend: speech envelope → motion track → warped portrait frames."""

@@ -1,0 +1,170 @@
+"""Displacement fields that animate one portrait: jaw drop, eyelids, head sway.
+
+Every effect is a fixed field computed once per portrait; a frame only scales and adds them
+(``map = grid + sum(amount_i * field_i)``) and calls ``cv2.remap``. Work is confined to the region the
+fields can move, and the rest of the frame is the untouched portrait.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from ..config import PreviewConfig
+from ..face.detector import FaceBox, FaceLandmarks, estimate_landmarks
+
+MOUTH_INTERIOR_RGB = (60.0, 22.0, 26.0)  # dark red-brown of a mouth in shadow
+MIN_SHIFT_PX = 0.02  # displacements below this are invisible; the region outside them is not remapped
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _flat_bump(u: np.ndarray) -> np.ndarray:
+    """1 near 0, falling steeply past |u| = 1 (a flat-topped Gaussian)."""
+    u2 = u * u
+    return np.exp(-(u2 * u2))
+
+
+class PortraitWarp:
+    """Precomputed fields for one portrait; `frame` renders one set of motion values."""
+
+    def __init__(self, portrait: np.ndarray, face: FaceBox, config: PreviewConfig):
+        self.portrait = np.ascontiguousarray(portrait)
+        self.config = config
+        height, width = portrait.shape[:2]
+        self.short_side = min(height, width)
+        marks = estimate_landmarks(portrait, face)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+
+        self.jaw_px = config.jaw_drop * face.h
+        self.lip_ramp_px = max(1.6 * self.jaw_px, 0.06 * face.h)  # > 1.5 x the largest drop: no fold
+        jaw = self._jaw_field(xs, ys, face, marks)
+        self.eye_px = marks.eye_height
+        eyelids = self._eyelid_field(xs, ys, face, marks)
+        head = self._head_mask(xs, ys, face)
+        pivot_x, pivot_y = face.x + face.w / 2, face.y + 1.6 * face.h
+        rotate_x, rotate_y = (ys - pivot_y) * head, -(xs - pivot_x) * head
+
+        max_angle = math.radians(config.head_rotate_deg)
+        max_shift = config.head_shift_px * self.short_side
+        reach = np.maximum.reduce(
+            [self.jaw_px * jaw, self.eye_px * eyelids, max_angle * np.hypot(rotate_x, rotate_y), max_shift * head]
+        )
+        self.roi = _bounding_box(reach > MIN_SHIFT_PX)
+        top, bottom, left, right = self.roi
+        crop = (slice(top, bottom), slice(left, right))
+        self.grid_x, self.grid_y = xs[crop].copy(), ys[crop].copy()
+        self.jaw, self.eyelids, self.head = jaw[crop].copy(), eyelids[crop].copy(), head[crop].copy()
+        self.rotate_x, self.rotate_y = rotate_x[crop].copy(), rotate_y[crop].copy()
+        self.map_x = np.empty_like(self.grid_x)
+        self.map_y = np.empty_like(self.grid_y)
+        self._init_mouth(jaw, marks)
+
+    def _jaw_field(self, xs: np.ndarray, ys: np.ndarray, face: FaceBox, marks: FaceLandmarks) -> np.ndarray:
+        """Weight of the downward jaw pull: 0 above the lip line, 1 on lower lip and chin, fading below.
+
+        Between the lips the 0→1 ramp starts at the lip line and is short (but longer than the largest drop,
+        so the map never folds): the lip line is stretched open there and shaded as the mouth interior.
+        Beside the mouth the ramp spreads over the whole cheek, which stretches gently instead of tearing.
+        """
+        mouth_x = marks.mouth[0]
+        core = _mouth_core(xs, marks)
+        wide = 0.5 * face.h
+        width = wide + (self.lip_ramp_px - wide) * core
+        start = marks.lip_y(xs) - 0.5 * wide * (1.0 - core)
+        vertical = _smoothstep((ys - start) / width)
+        below_chin = np.maximum(ys - marks.chin_y, 0.0) / (0.35 * face.h)
+        vertical *= np.exp(-(below_chin**2))
+        return (vertical * _flat_bump((xs - mouth_x) / (0.36 * face.w))).astype(np.float32)
+
+    def _eyelid_field(self, xs: np.ndarray, ys: np.ndarray, face: FaceBox, marks: FaceLandmarks) -> np.ndarray:
+        """Weight that pulls the upper lid down over each eye (1 at the lower lid, steep edge below it)."""
+        eye_h = marks.eye_height
+        total = np.zeros_like(xs)
+        for eye_x, eye_y in (marks.left_eye, marks.right_eye):
+            lower_lid = eye_y + 0.5 * eye_h
+            rise = (ys - (lower_lid - 1.9 * eye_h)) / (1.9 * eye_h)
+            fall = 1.0 - (ys - lower_lid) / (0.3 * eye_h)
+            vertical = np.where(ys <= lower_lid, _smoothstep(rise), _smoothstep(fall))
+            total = np.maximum(total, vertical * _flat_bump((xs - eye_x) / (0.13 * face.w)))
+        return total.astype(np.float32)
+
+    @staticmethod
+    def _head_mask(xs: np.ndarray, ys: np.ndarray, face: FaceBox) -> np.ndarray:
+        """1 over the head (face plus hair), fading smoothly over the neck, shoulders and background."""
+        cx, cy = face.x + face.w / 2, face.y + 0.4 * face.h
+        radius = np.hypot((xs - cx) / (0.85 * face.w), (ys - cy) / (1.0 * face.h))
+        return np.exp(-((np.maximum(radius - 1.0, 0.0) / 0.45) ** 2)).astype(np.float32)
+
+    def _init_mouth(self, jaw: np.ndarray, marks: FaceLandmarks) -> None:
+        """Where and how much the jaw field stretches the lip line: that stretch is the open mouth."""
+        mouth_x = marks.mouth[0]
+        half_w = 0.5 * marks.mouth_width
+        lip_rows = marks.lip_y(np.array([mouth_x - half_w, mouth_x, mouth_x + half_w]))
+        top = max(self.roi[0], int(lip_rows.min()))
+        bottom = min(self.roi[1], int(math.ceil(lip_rows.max() + self.lip_ramp_px)) + 1)
+        left = max(self.roi[2], int(mouth_x - half_w) - 1)
+        right = min(self.roi[3], int(math.ceil(mouth_x + half_w)) + 2)
+        self.mouth_box = (top, bottom, left, right)
+        slope = np.gradient(jaw, axis=0)  # d(weight)/dy: source rows per destination row lost to the stretch
+        self.mouth_slope = slope[top:bottom, left:right].astype(np.float32) * self.jaw_px
+        # the lips part as a lens: an ellipse filling the stretched band, narrowing towards the corners
+        rows, cols = np.mgrid[top:bottom, left:right].astype(np.float32)
+        across = (cols - mouth_x) / half_w
+        down = (rows - marks.lip_y(cols) - 0.5 * self.lip_ramp_px) / (0.5 * self.lip_ramp_px)
+        self.mouth_shape = _smoothstep((1.0 - across**2 - down**2) / 0.7)
+        self.mouth_blur = max(3, int(marks.mouth_width / 8) | 1)
+        self.mouth_color = np.asarray(MOUTH_INTERIOR_RGB, dtype=np.float32)
+
+    def frame(self, mouth_open: float, blink: float, rotate_deg: float, dx: float, dy: float) -> np.ndarray:
+        """The portrait moved by one frame's motion values, as a new (H, W, 3) uint8 array."""
+        angle = math.radians(rotate_deg)
+        shift_x, shift_y = dx * self.short_side, dy * self.short_side
+        drop = mouth_open * self.jaw_px
+        cv2.scaleAdd(self.rotate_x, angle, self.grid_x, dst=self.map_x)
+        cv2.scaleAdd(self.head, -shift_x, self.map_x, dst=self.map_x)
+        cv2.scaleAdd(self.rotate_y, angle, self.grid_y, dst=self.map_y)
+        cv2.scaleAdd(self.head, -shift_y, self.map_y, dst=self.map_y)
+        cv2.scaleAdd(self.jaw, -drop, self.map_y, dst=self.map_y)
+        cv2.scaleAdd(self.eyelids, -blink * self.eye_px, self.map_y, dst=self.map_y)
+        out = self.portrait.copy()
+        top, bottom, left, right = self.roi
+        out[top:bottom, left:right] = cv2.remap(
+            self.portrait, self.map_x, self.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        if mouth_open > 0.0:
+            self._darken_mouth(out, mouth_open)
+        return out
+
+    def _darken_mouth(self, out: np.ndarray, mouth_open: float) -> None:
+        """Tint pixels by how much the jaw stretched them: the gap between the lips turns mouth-dark."""
+        top, bottom, left, right = self.mouth_box
+        if bottom <= top or right <= left:
+            return
+        opening = (self.mouth_shape * _smoothstep((mouth_open * self.mouth_slope - 0.2) / 0.5))[:, :, None]
+        region = out[top:bottom, left:right]
+        # stretched teeth and lips smear into vertical streaks: blur them sideways before tinting
+        smeared = cv2.blur(region, (self.mouth_blur, 1)).astype(np.float32)
+        inside = region * (1.0 - opening) + smeared * opening
+        alpha = self.config.mouth_darken * opening
+        region[...] = (inside * (1.0 - alpha) + self.mouth_color * alpha + 0.5).astype(np.uint8)
+
+
+def _mouth_core(xs: np.ndarray, marks: FaceLandmarks) -> np.ndarray:
+    """1 across the middle of the mouth, 0 from its corners outwards: where the lips can part."""
+    lens = 1.0 - ((xs - marks.mouth[0]) / (0.5 * marks.mouth_width)) ** 2
+    return _smoothstep(lens / 0.4)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the True pixels, never empty (falls back to one pixel)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return 0, 1, 0, 1
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1

@@ -1,0 +1,114 @@
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from avatar_model.config import AudioConfig
+from avatar_model.errors import EmptyAudio, InvalidParameter, SilentAudio, UndecodableAudio
+from avatar_model.media.audio import check_speech, decode_audio, ffmpeg_executable, read_wav, write_wav
+
+SR = 16000
+
+
+def tone(seconds: float, freq: float = 440.0, amplitude: float = 0.5, sample_rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def dominant_frequency(samples: np.ndarray, sample_rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples))
+    return float(np.fft.rfftfreq(len(samples), 1 / sample_rate)[np.argmax(spectrum)])
+
+
+def test_ffmpeg_executable_runs():
+    path = ffmpeg_executable()
+    assert os.access(path, os.X_OK)
+    assert subprocess.run([path, "-version"], capture_output=True, check=False).returncode == 0
+
+
+def test_wav_round_trip(tmp_path):
+    samples = tone(0.5)
+    write_wav(tmp_path / "a.wav", samples, SR)
+    back, sample_rate = read_wav(tmp_path / "a.wav")
+    assert sample_rate == SR and back.dtype == np.float32
+    np.testing.assert_allclose(back, samples, atol=1 / 16000)
+
+
+def test_write_wav_clips_out_of_range(tmp_path):
+    write_wav(tmp_path / "loud.wav", np.array([2.0, -3.0, 0.5], dtype=np.float32), SR)
+    back, _ = read_wav(tmp_path / "loud.wav")
+    assert back.max() <= 1.0 and back.min() >= -1.0
+
+
+def test_decode_wav_at_native_rate(tmp_path):
+    samples = tone(0.5)
+    write_wav(tmp_path / "a.wav", samples, SR)
+    decoded = decode_audio(tmp_path / "a.wav", SR)
+    assert decoded.dtype == np.float32 and len(decoded) == len(samples)
+    np.testing.assert_allclose(decoded, samples, atol=2e-4)
+
+
+def test_decode_resamples_and_downmixes(tmp_path):
+    left = tone(1.0, 440, sample_rate=22050)
+    stereo = np.stack([left, 0.5 * left], axis=1)
+    write_wav(tmp_path / "stereo.wav", stereo, 22050)
+    decoded = decode_audio(tmp_path / "stereo.wav", 8000)
+    assert decoded.ndim == 1
+    assert abs(len(decoded) - 8000) <= 2
+    assert abs(dominant_frequency(decoded, 8000) - 440) < 2
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp3", "libmp3lame"), (".m4a", "aac"), (".flac", "flac")])
+def test_decode_compressed_formats(tmp_path, suffix, codec):
+    write_wav(tmp_path / "src.wav", tone(1.0, 500), SR)
+    encoded = tmp_path / f"speech{suffix}"
+    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-i", str(tmp_path / "src.wav"), "-c:a", codec]
+    subprocess.run([*command, str(encoded)], check=True)
+    decoded = decode_audio(encoded, SR)
+    assert abs(len(decoded) / SR - 1.0) < 0.1
+    assert abs(dominant_frequency(decoded, SR) - 500) < 3
+    assert 0.3 < np.abs(decoded).max() <= 1.0
+
+
+def test_corrupt_audio_raises_with_name(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage" * 3)
+    with pytest.raises(UndecodableAudio, match=r"^item-3/audio: cannot decode audio: "):
+        decode_audio(bad, SR, name="item-3/audio")
+
+
+def test_file_without_audio_stream_is_undecodable(tmp_path):
+    video = tmp_path / "silent.mp4"
+    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:d=0.2"]
+    subprocess.run([*command, "-c:v", "libx264", str(video)], check=True)
+    with pytest.raises(UndecodableAudio):
+        decode_audio(video, SR)
+
+
+def test_missing_file_is_undecodable(tmp_path):
+    with pytest.raises(UndecodableAudio, match="nope.wav"):
+        decode_audio(tmp_path / "nope.wav", SR, name="nope.wav")
+
+
+def test_check_speech_returns_duration():
+    assert check_speech(tone(1.5), SR, AudioConfig()) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("samples", [np.zeros(0, np.float32), tone(0.02)])
+def test_empty_or_too_short_audio(samples):
+    with pytest.raises(EmptyAudio, match="^clip: "):
+        check_speech(samples, SR, AudioConfig(), name="clip")
+
+
+@pytest.mark.parametrize("amplitude", [0.0, 10 ** (-60 / 20)])
+def test_silent_audio(amplitude):
+    with pytest.raises(SilentAudio):
+        check_speech(tone(1.0, amplitude=amplitude), SR, AudioConfig(silence_dbfs=-50.0))
+
+
+def test_too_long_audio_is_rejected_not_truncated():
+    samples = tone(2.0)
+    with pytest.raises(InvalidParameter, match="limit"):
+        check_speech(samples, SR, AudioConfig(max_seconds=1.0))
+    assert len(samples) == 2 * SR

@@ -1,0 +1,139 @@
+import logging
+
+import numpy as np
+import pytest
+
+from avatar_model.config import PreviewConfig, VideoConfig
+from avatar_model.face.detector import detect_face
+from avatar_model.media.video import frame_count
+from avatar_model.preview.motion import MotionTrack
+from avatar_model.preview.renderer import PreviewRenderer
+
+logger = logging.getLogger(__name__)
+
+SR = 16000
+VIDEO = VideoConfig(fps=25, chunk_frames=16)
+
+
+@pytest.fixture(scope="module")
+def renderer() -> PreviewRenderer:
+    return PreviewRenderer(PreviewConfig(), VIDEO)
+
+
+@pytest.fixture(scope="module")
+def small_portrait(astronaut):
+    """A 256x256 crop around the astronaut's face, to keep rendering tests quick."""
+    portrait = np.ascontiguousarray(astronaut[0:256, 96:352])
+    return portrait, detect_face(portrait)
+
+
+def tone_burst(rng: np.random.Generator) -> np.ndarray:
+    """1 s near-silence, 1 s of a 1 kHz tone, 1 s near-silence."""
+    t = np.arange(SR) / SR
+    hiss = 1e-4 * rng.standard_normal(3 * SR)
+    hiss[SR : 2 * SR] += 0.5 * np.sin(2 * np.pi * 1000 * t)
+    return hiss.astype(np.float32)
+
+
+def frame_rms(audio: np.ndarray, n_frames: int) -> np.ndarray:
+    """The test's own envelope: plain RMS of the raw samples over each video frame."""
+    bounds = np.round(np.arange(n_frames + 1) * SR / VIDEO.fps).astype(int)
+    return np.array([np.sqrt(np.mean(audio[a:b] ** 2)) if b > a else 0.0 for a, b in zip(bounds, bounds[1:])])
+
+
+def test_track_is_deterministic_for_a_seed(renderer, speech_with_pauses):
+    audio, sr = speech_with_pauses
+    n = frame_count(len(audio) / sr, VIDEO.fps)
+    first, again = renderer.generate(audio, sr, n, seed=7), renderer.generate(audio, sr, n, seed=7)
+    other = renderer.generate(audio, sr, n, seed=8)
+    for name in ("mouth_open", "blink", "head_rotate_deg", "head_dx", "head_dy"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+        assert getattr(first, name).dtype == np.float32 and len(getattr(first, name)) == n
+    np.testing.assert_array_equal(first.mouth_open, other.mouth_open)  # the mouth follows the audio only
+    assert not np.array_equal(first.head_rotate_deg, other.head_rotate_deg)
+
+
+def test_track_ranges(renderer):
+    rng = np.random.default_rng(0)
+    track = renderer.generate(rng.uniform(-0.5, 0.5, 20 * SR).astype(np.float32), SR, 500, seed=1)
+    assert track.n_frames == 500
+    assert 0.0 <= track.mouth_open.min() and track.mouth_open.max() <= 1.0
+    assert 0.0 <= track.blink.min() and track.blink.max() <= 1.0
+    assert 2 <= np.count_nonzero(np.diff((track.blink > 0.5).astype(int)) == 1) <= 15  # ~17 blinks a minute
+    assert np.abs(track.head_rotate_deg).max() <= PreviewConfig().head_rotate_deg + 1e-6
+    assert np.abs(np.diff(track.head_rotate_deg)).max() < 0.2  # smooth sway, no jumps
+
+
+def test_mouth_closed_on_silence_and_open_on_sound(renderer):
+    audio = tone_burst(np.random.default_rng(0))
+    track = renderer.generate(audio, SR, 75, seed=0)
+    assert track.mouth_open[:24].max() < 0.05
+    assert track.mouth_open[30:48].min() > 0.8
+    assert track.mouth_open[60:].max() < 0.05
+    silent = renderer.generate(np.zeros(2 * SR, np.float32), SR, 50, seed=0)
+    assert not silent.mouth_open.any()
+
+
+def test_motion_track_save_load_round_trip(renderer, speech_with_pauses, tmp_path):
+    audio, sr = speech_with_pauses
+    track = renderer.generate(audio, sr, 40, seed=3)
+    track.save(tmp_path / "track.npz")
+    loaded = MotionTrack.load(tmp_path / "track.npz")
+    assert loaded.n_frames == 40
+    np.testing.assert_array_equal(loaded.mouth_open, track.mouth_open)
+    np.testing.assert_array_equal(loaded.head_dy, track.head_dy)
+
+
+def test_motion_track_rejects_ragged_curves():
+    with pytest.raises(ValueError, match="length"):
+        MotionTrack(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(2))
+
+
+def test_render_chunks_and_still_track_reproduces_the_portrait(renderer, small_portrait):
+    portrait, face = small_portrait
+    still = MotionTrack(*(np.zeros(37) for _ in range(5)))
+    chunks = list(renderer.render(portrait, face, still))
+    assert [len(c) for c in chunks] == [16, 16, 5]
+    for chunk in chunks:
+        assert chunk.dtype == np.uint8 and chunk.shape[1:] == portrait.shape
+        assert (chunk == portrait).all()
+
+
+def test_render_is_deterministic_and_moves_mouth_and_eyes(renderer, small_portrait):
+    portrait, face = small_portrait
+    zeros = np.zeros(2)
+    track = MotionTrack(mouth_open=[0.0, 1.0], blink=[1.0, 0.0], head_rotate_deg=zeros, head_dx=zeros, head_dy=zeros)
+    first = np.concatenate(list(renderer.render(portrait, face, track)))
+    np.testing.assert_array_equal(first, np.concatenate(list(renderer.render(portrait, face, track))))
+    change = np.abs(first.astype(np.int16) - portrait).max(axis=3)
+    mouth_rows = slice(int(face.y + 0.75 * face.h), int(face.y + 1.1 * face.h))
+    eye_rows = slice(int(face.y + 0.25 * face.h), int(face.y + 0.5 * face.h))
+    assert change[1, mouth_rows].mean() > 5 * change[0, mouth_rows].mean() + 1  # open mouth, frame 1
+    assert change[0, eye_rows].mean() > 5 * change[1, eye_rows].mean() + 1  # closed eyes, frame 0
+    assert not change[:, : face.y].any()  # without head sway, nothing above the eyebrows moves
+
+
+def test_acceptance_mouth_motion_follows_speech(renderer, astronaut, speech_with_pauses):
+    """Full default renderer on the demo clip with pauses: the mouth region tracks the raw speech level."""
+    audio, sr = speech_with_pauses
+    assert sr == SR
+    n = frame_count(len(audio) / sr, VIDEO.fps)
+    face = detect_face(astronaut)
+    track = renderer.generate(audio, sr, n, seed=0)
+    frames = np.concatenate(list(renderer.render(astronaut, face, track)))
+    assert frames.shape == (n, *astronaut.shape)
+
+    rows = slice(int(face.y + 0.7 * face.h), int(face.y + 1.1 * face.h))
+    cols = slice(int(face.x + 0.2 * face.w), int(face.x + 0.8 * face.w))
+    neutral = astronaut[rows, cols].astype(np.float32)
+    mouth_change = np.abs(frames[:, rows, cols].astype(np.float32) - neutral).mean(axis=(1, 2, 3))
+    envelope = frame_rms(audio, n)
+
+    r = float(np.corrcoef(mouth_change, envelope)[0, 1])
+    logger.info("mouth motion vs speech envelope: Pearson r = %.3f", r)
+    assert r >= 0.5, f"mouth motion vs speech envelope: Pearson r = {r:.3f}"
+    lags = range(-3, 4)
+    best_lag = max(lags, key=lambda lag: np.corrcoef(np.roll(mouth_change, -lag), envelope)[0, 1])
+    assert abs(best_lag) <= 1, f"mouth motion is {best_lag} frames off the audio"
+    speaking = envelope > 0.25 * envelope.max()
+    assert mouth_change[speaking].mean() > 1.5 * mouth_change[envelope < 0.02 * envelope.max()].mean()
