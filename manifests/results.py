@@ -10,7 +10,7 @@ import pandas as pd
 
 from avatar_model import storage
 
-STAGES = ("fingerprint", "prepare_portrait", "prepare_audio", "generate", "decode", "mux", "publish")
+STAGES = ("resolve", "prepare_portrait", "prepare_audio", "generate", "decode", "mux", "publish")
 
 
 @dataclass

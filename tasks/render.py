@@ -26,58 +26,63 @@ def _is_retryable(task_obj: Any, run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and not is_permanent(exc)
 
 
-def _timed(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
+def _timed(fn: Callable[..., dict], *args: Any) -> dict:
     """Run a stage, adding its wall seconds and attempt number to the reference; tag failures likewise."""
     started = time.perf_counter()
     try:
-        ref = fn(*args, **kwargs)
+        ref = fn(*args)
     except Exception as exc:
         exc.attempts = task_run.run_count  # type: ignore[attr-defined]
         raise
     return {**ref, "seconds": time.perf_counter() - started, "attempts": task_run.run_count}
 
 
-_COMMON: dict[str, Any] = {"retry_condition_fn": _is_retryable, "persist_result": True}
+_CACHED: dict[str, Any] = {"retry_condition_fn": _is_retryable, "persist_result": True}
 
 
-@task(name="fingerprint", retry_condition_fn=_is_retryable)
-def fingerprint(uri: str) -> dict:
-    """Content hash of one input (its bytes, not its URI): every later cache key derives from it."""
-    return _timed(lambda: {"sha256": stages.fingerprint(uri)})
+@task(name="resolve", retry_condition_fn=_is_retryable)
+def resolve_item(item_id: str, portrait_uri: str, audio_uri: str, seed: int, backend: str, audio: Any,
+                 preview: Any, video: Any, output_uri: str) -> dict:
+    """Hash the inputs (bytes, not URIs), derive the render key, find an output already published with it.
+
+    Not cached: a changed input under the same name must be seen on every run.
+    """
+    return _timed(stages.resolve, item_id, portrait_uri, audio_uri, seed, backend, audio, preview, video, output_uri)
 
 
-@task(name="prepare-portrait", cache_key_fn=lambda ctx, p: stages.portrait_key(p["portrait_fp"]["sha256"],
-                                                                               p["short_side"]), **_COMMON)
-def prepare_portrait(portrait_uri: str, portrait_fp: dict, short_side: int, cache_uri: str, name: str) -> dict:
-    return _timed(stages.prepare_portrait, portrait_uri, portrait_fp["sha256"], short_side, cache_uri, name)
+@task(name="prepare-portrait", **_CACHED,
+      cache_key_fn=lambda ctx, p: stages.portrait_key(p["portrait_sha256"], p["short_side"]))
+def prepare_portrait(portrait_uri: str, portrait_sha256: str, short_side: int, cache_uri: str, name: str) -> dict:
+    return _timed(stages.prepare_portrait, portrait_uri, portrait_sha256, short_side, cache_uri, name)
 
 
-@task(name="prepare-audio",
-      cache_key_fn=lambda ctx, p: stages.audio_key(p["audio_fp"]["sha256"], p["audio"], p["sample_rate"]), **_COMMON)
-def prepare_audio(audio_uri: str, audio_fp: dict, audio: Any, sample_rate: int, cache_uri: str, name: str) -> dict:
-    return _timed(stages.prepare_audio, audio_uri, audio_fp["sha256"], audio, sample_rate, cache_uri, name)
+@task(name="prepare-audio", **_CACHED,
+      cache_key_fn=lambda ctx, p: stages.audio_key(p["audio_sha256"], p["audio"], p["sample_rate"]))
+def prepare_audio(audio_uri: str, audio_sha256: str, audio: Any, sample_rate: int, cache_uri: str, name: str) -> dict:
+    return _timed(stages.prepare_audio, audio_uri, audio_sha256, audio, sample_rate, cache_uri, name)
 
 
 def _generate_key(ctx: Any, p: dict) -> str:
-    version = renderer_version(p["backend"])
-    return stages.generate_key(p["portrait"], p["audio"], p["seed"], version, p["preview"], p["video"].fps)
+    return stages.generate_key(p["portrait"]["key"], p["audio"]["key"], p["seed"], renderer_version(p["backend"]),
+                               p["preview"], p["video"].fps)
 
 
-@task(name="generate", cache_key_fn=_generate_key, **_COMMON)
+@task(name="generate", cache_key_fn=_generate_key, **_CACHED)
 def generate(portrait: dict, audio: dict, seed: int, backend: str, preview: Any, video: Any, cache_uri: str) -> dict:
     return _timed(stages.generate, portrait, audio, seed, backend, preview, video, cache_uri)
 
 
 def _decode_key(ctx: Any, p: dict) -> str:
-    return stages.decode_key(p["portrait"], p["motion"], renderer_version(p["backend"]), p["video"])
+    return stages.decode_key(p["portrait"]["key"], p["motion"]["key"], renderer_version(p["backend"]), p["video"])
 
 
-@task(name="decode", cache_key_fn=_decode_key, **_COMMON)
+@task(name="decode", cache_key_fn=_decode_key, **_CACHED)
 def decode(portrait: dict, motion: dict, backend: str, preview: Any, video: Any, cache_uri: str) -> dict:
     return _timed(stages.decode, portrait, motion, backend, preview, video, cache_uri)
 
 
-@task(name="mux", cache_key_fn=lambda ctx, p: stages.mux_key(p["video_ref"], p["audio"], p["video"]), **_COMMON)
+@task(name="mux", **_CACHED,
+      cache_key_fn=lambda ctx, p: stages.mux_key(p["video_ref"]["key"], p["audio"]["key"], p["video"]))
 def mux(video_ref: dict, audio: dict, video: Any, cache_uri: str) -> dict:
     return _timed(stages.mux, video_ref, audio, video, cache_uri)
 

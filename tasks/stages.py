@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from avatar_model import storage
-from avatar_model.backends import make_renderer
+from avatar_model.backends import make_renderer, renderer_version
 from avatar_model.config import AudioConfig, PreviewConfig, VideoConfig
 from avatar_model.errors import EncoderError, TransientError
 from avatar_model.face.detector import FaceBox, detect_face
@@ -53,6 +53,8 @@ def _publish_artifact(local: Path, cache_uri: str, stage: str, key: str) -> str:
 
 
 # --- keys -----------------------------------------------------------------------------------------------
+# Each stage's key is a function of its inputs' keys, so every key of an item is known right after its inputs
+# are hashed — before anything renders. The last one (the mux key) is the item's render key.
 
 
 def portrait_key(portrait_sha256: str, short_side: int) -> str:
@@ -63,23 +65,31 @@ def audio_key(audio_sha256: str, audio: AudioConfig, sample_rate: int) -> str:
     return stage_key("prepare_audio", audio=audio_sha256, rules=audio.model_dump(), sample_rate=sample_rate)
 
 
-def generate_key(portrait: Ref, audio: Ref, seed: int, backend_id: str, preview: PreviewConfig, fps: int) -> str:
-    return stage_key(
-        "generate", portrait=portrait["key"], audio=audio["key"], seed=seed, backend=backend_id,
-        preview=preview.model_dump(), fps=fps,
-    )
+def generate_key(portrait: str, audio: str, seed: int, backend_version: str, preview: PreviewConfig, fps: int) -> str:
+    return stage_key("generate", portrait=portrait, audio=audio, seed=seed, backend=backend_version,
+                     preview=preview.model_dump(), fps=fps)
 
 
-def decode_key(portrait: Ref, motion: Ref, backend_id: str, video: VideoConfig) -> str:
-    return stage_key(
-        "decode", portrait=portrait["key"], motion=motion["key"], backend=backend_id,
-        video=video.model_dump(exclude={"audio_sample_rate", "audio_bitrate"}),
-    )
+def decode_key(portrait: str, motion: str, backend_version: str, video: VideoConfig) -> str:
+    return stage_key("decode", portrait=portrait, motion=motion, backend=backend_version,
+                     video=video.model_dump(exclude={"audio_sample_rate", "audio_bitrate"}))
 
 
-def mux_key(video_ref: Ref, audio: Ref, video: VideoConfig) -> str:
-    return stage_key("mux", video=video_ref["key"], audio=audio["key"], rate=video.audio_sample_rate,
+def mux_key(silent_video: str, audio: str, video: VideoConfig) -> str:
+    return stage_key("mux", video=silent_video, audio=audio, rate=video.audio_sample_rate,
                      bitrate=video.audio_bitrate, fps=video.fps)
+
+
+def item_keys(portrait_sha256: str, audio_sha256: str, seed: int, backend: str, audio: AudioConfig,
+              preview: PreviewConfig, video: VideoConfig) -> dict[str, str]:
+    """Every stage key of one item, in pipeline order."""
+    version = renderer_version(backend)
+    keys = {"prepare_portrait": portrait_key(portrait_sha256, video.short_side),
+            "prepare_audio": audio_key(audio_sha256, audio, video.audio_sample_rate)}
+    keys["generate"] = generate_key(keys["prepare_portrait"], keys["prepare_audio"], seed, version, preview, video.fps)
+    keys["decode"] = decode_key(keys["prepare_portrait"], keys["generate"], version, video)
+    keys["mux"] = mux_key(keys["decode"], keys["prepare_audio"], video)
+    return keys
 
 
 # --- stages ---------------------------------------------------------------------------------------------
@@ -88,6 +98,29 @@ def mux_key(video_ref: Ref, audio: Ref, video: VideoConfig) -> str:
 def fingerprint(uri: str) -> str:
     """sha256 of the object's bytes; a missing object fails the item with `ObjectNotFound`."""
     return storage.sha256_bytes(storage.read_bytes(uri))
+
+
+def output_uris(output_uri: str, item_id: str) -> tuple[str, str]:
+    safe = storage.check_item_id(item_id)
+    return storage.join(output_uri, "videos", f"{safe}.mp4"), storage.join(output_uri, "videos", f"{safe}.json")
+
+
+def published_sidecar(output_uri: str, item_id: str, render_key: str) -> dict[str, Any] | None:
+    """The sidecar of an item already published with this render key (its MP4 present), else None."""
+    video_uri, sidecar_uri = output_uris(output_uri, item_id)
+    if not storage.exists(sidecar_uri):
+        return None
+    sidecar = json.loads(storage.read_bytes(sidecar_uri))
+    return sidecar if sidecar.get("render_key") == render_key and storage.exists(video_uri) else None
+
+
+def resolve(item_id: str, portrait_uri: str, audio_uri: str, seed: int, backend: str, audio: AudioConfig,
+            preview: PreviewConfig, video: VideoConfig, output_uri: str) -> Ref:
+    """Hash both inputs, derive the item's render key, and look for a finished output with that key."""
+    portrait_sha256, audio_sha256 = fingerprint(portrait_uri), fingerprint(audio_uri)
+    render_key = item_keys(portrait_sha256, audio_sha256, seed, backend, audio, preview, video)["mux"]
+    return {"portrait_sha256": portrait_sha256, "audio_sha256": audio_sha256, "render_key": render_key,
+            "published": published_sidecar(output_uri, item_id, render_key)}
 
 
 def _read_verified(uri: str, sha256: str) -> bytes:
@@ -138,7 +171,7 @@ def generate(
 ) -> Ref:
     """Backend-specific motion (preview) or latents (diffusion) for the whole clip."""
     renderer = make_renderer(backend, preview, video)
-    key = generate_key(portrait, audio, seed, renderer.version, preview, video.fps)
+    key = generate_key(portrait["key"], audio["key"], seed, renderer.version, preview, video.fps)
     image, face = _load_portrait(portrait)
     n_frames = frame_count(audio["duration_s"], video.fps)
     with storage.local_copy(audio["uri"], ".wav") as wav, tempfile.TemporaryDirectory(prefix="avatar-gen-") as tmp:
@@ -152,7 +185,7 @@ def generate(
 def decode(portrait: Ref, motion: Ref, backend: str, preview: PreviewConfig, video: VideoConfig, cache_uri: str) -> Ref:
     """Render frames chunk by chunk straight into one H.264 encoder (the video is never held in memory)."""
     renderer = make_renderer(backend, preview, video)
-    key = decode_key(portrait, motion, renderer.version, video)
+    key = decode_key(portrait["key"], motion["key"], renderer.version, video)
     image, face = _load_portrait(portrait)
     height, width = image.shape[:2]
     with storage.local_copy(motion["uri"], renderer.artifact_suffix) as artifact, \
@@ -169,7 +202,7 @@ def decode(portrait: Ref, motion: Ref, backend: str, preview: PreviewConfig, vid
 
 def mux(video_ref: Ref, audio: Ref, video: VideoConfig, cache_uri: str) -> Ref:
     """Add AAC audio trimmed/padded to the frame count, then verify streams, frame count and sync."""
-    key = mux_key(video_ref, audio, video)
+    key = mux_key(video_ref["key"], audio["key"], video)
     n_frames = video_ref["n_frames"]
     with storage.local_copy(video_ref["uri"], ".mp4") as silent, storage.local_copy(audio["uri"], ".wav") as wav, \
             tempfile.TemporaryDirectory(prefix="avatar-mux-") as tmp:
@@ -188,27 +221,24 @@ def mux(video_ref: Ref, audio: Ref, video: VideoConfig, cache_uri: str) -> Ref:
             "video_seconds": video_s, "audio_seconds": info.audio_duration_s}
 
 
-def output_uris(output_uri: str, item_id: str) -> tuple[str, str]:
-    safe = storage.check_item_id(item_id)
-    return storage.join(output_uri, "videos", f"{safe}.mp4"), storage.join(output_uri, "videos", f"{safe}.json")
-
-
 def publish(item_id: str, muxed: Ref, provenance: dict[str, Any], output_uri: str) -> Ref:
     """Place the MP4 at its final name (whole or not at all), then its sidecar, which marks the item done.
 
-    A reader treats an item as done only when the sidecar exists and names the MP4's sha256; an item whose
-    sidecar already says so is left alone (nothing is rewritten on a rerun).
+    A reader treats an item as done only when its sidecar exists; the sidecar names the render key and the
+    MP4's sha256. An item already published with the same render key is left alone.
     """
     video_uri, sidecar_uri = output_uris(output_uri, item_id)
-    if storage.exists(sidecar_uri) and storage.exists(video_uri):
-        existing = json.loads(storage.read_bytes(sidecar_uri))
-        if existing.get("sha256") == muxed["sha256"]:
-            return {"output_uri": video_uri, "sidecar_uri": sidecar_uri, "sha256": muxed["sha256"], "skipped": True}
+    if published_sidecar(output_uri, item_id, muxed["key"]) is not None:
+        return {"output_uri": video_uri, "sidecar_uri": sidecar_uri, "sha256": muxed["sha256"], "skipped": True}
     with storage.local_copy(muxed["uri"], ".mp4") as local:
         if storage.sha256_file(local) != muxed["sha256"]:
             raise TransientError(f"{item_id}: cached video does not match its checksum; will re-fetch")
         storage.publish_file(local, video_uri)
-    document = {**provenance, "item_id": item_id, "video_uri": video_uri, "sha256": muxed["sha256"],
-                "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    document = {
+        **provenance, "item_id": item_id, "render_key": muxed["key"], "video_uri": video_uri,
+        "sha256": muxed["sha256"], "frame_count": muxed["n_frames"], "video_seconds": muxed["video_seconds"],
+        "audio_seconds": muxed["audio_seconds"],
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     storage.publish_bytes(json.dumps(document, indent=2, sort_keys=True, default=str).encode(), sidecar_uri)
     return {"output_uri": video_uri, "sidecar_uri": sidecar_uri, "sha256": muxed["sha256"], "skipped": False}
