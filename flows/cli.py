@@ -92,6 +92,31 @@ def make_manifest(
 
 
 @app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option(help="last day (inclusive), YYYY-MM-DD")],
+    deployment: Annotated[str, typer.Option(help="flow/deployment to run per day")] = "nightly-render/nightly",
+) -> None:
+    """Queue one run of DEPLOYMENT per day from START to END (needs PREFECT_API_URL).
+
+    Each run gets an idempotency key per day, so repeating a backfill never queues a day twice; finished
+    items inside a day are skipped anyway by their render keys.
+    """
+    from datetime import date, timedelta
+
+    from prefect.deployments import run_deployment
+
+    first, last = date.fromisoformat(start), date.fromisoformat(end)
+    if last < first:
+        raise typer.BadParameter("--end is before --start")
+    for offset in range((last - first).days + 1):
+        day = (first + timedelta(days=offset)).isoformat()
+        run = run_deployment(deployment, parameters={"day": day}, timeout=0, tags=["backfill"],
+                             idempotency_key=f"backfill:{deployment}:{day}")
+        console.print(f"{day}: flow run {run.name} ({run.id})")
+
+
+@app.command()
 def validate(manifest: Annotated[str, typer.Argument(help="manifest URI")]) -> None:
     """Check a manifest without rendering: schema errors exit 2, bad rows exit 1."""
     try:

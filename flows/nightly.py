@@ -1,0 +1,31 @@
+"""nightly_render: the scheduled entry point; a date picks the manifest and the output prefix.
+
+A scheduled run uses its own scheduled date; a backfill passes ``day`` explicitly (see `avatar-batch backfill`).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.render_manifest import render_manifest
+from tasks.config import PipelineConfig
+
+
+def run_day(day: date | None) -> date:
+    """The logical date of this run: ``day`` when given, else the scheduled start date, else today."""
+    if day is not None:
+        return day
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.date() if scheduled else date.today()
+
+
+@flow(name="nightly-render")
+def nightly_render(manifest_template: str, output_template: str, day: date | None = None,
+                   backend: str = "preview", config: PipelineConfig | None = None) -> dict:
+    """Render ``manifest_template.format(date=…)`` into ``output_template.format(date=…)`` as a subflow."""
+    logical = run_day(day).isoformat()
+    return render_manifest(manifest_uri=manifest_template.format(date=logical),
+                           output_uri=output_template.format(date=logical), backend=backend, config=config)
