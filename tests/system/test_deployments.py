@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
 pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parents[2]
@@ -20,15 +22,11 @@ def _prefect(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
                           text=True, timeout=300)
 
 
-async def _runs(env: dict[str, str]) -> list:
-    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
+async def _runs(api_url: str) -> list:
+    async with PrefectClient(api_url) as client:
         deployment = await client.read_deployment_by_name("nightly-render/nightly")
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-        return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        only_it = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        return await client.read_flow_runs(deployment_filter=only_it)
 
 
 def test_deploy_all_then_backfill_is_idempotent(prefect_server, cli):
@@ -40,6 +38,6 @@ def test_deploy_all_then_backfill_is_idempotent(prefect_server, cli):
     for _ in range(2):
         done = cli(["backfill", "--start", "2026-11-01", "--end", "2026-11-03"], prefect_server)
         assert done.returncode == 0, done.stderr[-3000:]
-    runs = [r for r in asyncio.run(_runs(prefect_server)) if "backfill" in r.tags]
+    runs = [r for r in asyncio.run(_runs(prefect_server["PREFECT_API_URL"])) if "backfill" in r.tags]
     assert sorted(str(r.parameters["day"]) for r in runs) == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert all("nightly" in r.tags for r in runs)  # deployment tags are inherited
