@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from .errors import InvalidItemId, ObjectNotFound, TransientError
 
@@ -39,7 +40,7 @@ def join(base: str, *parts: str) -> str:
 
 
 def is_local(uri: str) -> bool:
-    return fsspec.core.url_to_fs(uri)[0].protocol in ("file", ("file", "local"), ("file", "local", "local"))
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
 def check_item_id(item_id: object) -> str:

@@ -48,10 +48,9 @@ RESULT_COLUMNS = tuple(ItemResult(0, "", "", "").record())
 
 
 def results_frame(results: list[ItemResult]) -> pd.DataFrame:
-    frame = pd.DataFrame([r.record() for r in sorted(results, key=lambda r: r.row)], columns=None)
-    if frame.empty:
-        frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
-    return frame
+    if not results:
+        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    return pd.DataFrame([r.record() for r in sorted(results, key=lambda r: r.row)])
 
 
 def write_results(results: list[ItemResult], uri: str) -> pd.DataFrame:
