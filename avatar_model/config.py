@@ -43,3 +43,17 @@ class PreviewConfig(_Frozen):
     head_rotate_deg: float = 1.6
     head_shift_px: float = 0.012
     head_period_s: float = 3.5
+
+
+class DiffusionConfig(_Frozen):
+    """Knobs of the HunyuanVideo-Avatar backends (`tiny-random`, `hunyuan-avatar`)."""
+
+    weights_dir: str = Field("weights", description="folder holding ckpts/ in the official layout")
+    model_version: str = Field("official-2025-06", description="name of the checkpoint set; part of cache keys")
+    steps: int = Field(50, ge=1, le=200)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = Field("auto", description="DiT compute dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float32'")
+    fp8: bool = Field(False, description="use the official fp8 checkpoint (weight-only float8, per-layer scales)")
+    group_offload: bool = Field(False, description="stream DiT blocks from CPU memory (low VRAM, slower)")
+    step_cache: bool = Field(True, description="official last-block cache on 20 of 50 steps")

@@ -62,8 +62,8 @@ def _plain_loop(manifest: str, output: str) -> float:
                                     cache, row.item_id)
         a = stages.prepare_audio(row.audio_uri, stages.fingerprint(row.audio_uri), cfg.audio,
                                  cfg.video.audio_sample_rate, cache, row.item_id)
-        g = stages.generate(p, a, row.seed, cfg.backend, cfg.preview, cfg.video, cache)
-        d = stages.decode(p, g, cfg.backend, cfg.preview, cfg.video, cache)
+        g = stages.generate(p, a, row.seed, row.prompt, cfg, cache)
+        d = stages.decode(p, g, row.prompt, cfg, cache)
         m = stages.mux(d, a, cfg.video, cache)
         stages.publish(row.item_id, m, {"row": row.row}, output)
     return time.perf_counter() - started
@@ -91,8 +91,8 @@ portrait, audio = {portrait!r}, {audio!r}
 p = stages.prepare_portrait(portrait, stages.fingerprint(portrait), cfg.video.short_side, cache, "bench")
 a = stages.prepare_audio(audio, stages.fingerprint(audio), cfg.audio, cfg.video.audio_sample_rate, cache, "bench")
 t = time.perf_counter()
-g = stages.generate(p, a, 0, cfg.backend, cfg.preview, cfg.video, cache)
-d = stages.decode(p, g, cfg.backend, cfg.preview, cfg.video, cache)
+g = stages.generate(p, a, 0, None, cfg, cache)
+d = stages.decode(p, g, None, cfg, cache)
 render_s = time.perf_counter() - t
 stages.mux(d, a, cfg.video, cache)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec

@@ -16,10 +16,8 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from avatar_model import storage
-from avatar_model.backends import renderer_version
-from avatar_model.config import VideoConfig
 from manifests import ItemResult, ManifestRow, load_manifest, write_results
-from tasks import render
+from tasks import render, stages
 from tasks.config import PipelineConfig
 from tasks.storage import result_storage_for
 
@@ -48,30 +46,33 @@ def _configured_tasks(cfg: PipelineConfig, cache_uri: str) -> dict[str, Any]:
     }
 
 
-def _video_config(cfg: PipelineConfig, row: ManifestRow) -> VideoConfig:
+def _row_config(cfg: PipelineConfig, row: ManifestRow) -> PipelineConfig:
+    """The run's config with the row's own output options applied."""
     overrides = {"short_side": row.short_side, "crf": row.crf}
-    return cfg.video.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    video = cfg.video.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    return cfg.model_copy(update={"video": video})
 
 
 def _submit_render(t: dict[str, Any], row: ManifestRow, resolved: dict, cfg: PipelineConfig, cache_uri: str,
                    output_uri: str) -> dict[str, PrefectFuture]:
     """Fan one resolved row out into its stage chain; Prefect resolves each future argument before a stage runs."""
-    video = _video_config(cfg, row)
+    cfg = _row_config(cfg, row)
+    video = cfg.video
     f: dict[str, PrefectFuture] = {}
     f["prepare_portrait"] = t["prepare_portrait"].submit(
         row.portrait_uri, resolved["portrait_sha256"], video.short_side, cache_uri, row.item_id)
     f["prepare_audio"] = t["prepare_audio"].submit(
         row.audio_uri, resolved["audio_sha256"], cfg.audio, video.audio_sample_rate, cache_uri, row.item_id)
-    f["generate"] = t["generate"].submit(
-        f["prepare_portrait"], f["prepare_audio"], row.seed, cfg.backend, cfg.preview, video, cache_uri)
-    f["decode"] = t["decode"].submit(f["prepare_portrait"], f["generate"], cfg.backend, cfg.preview, video, cache_uri)
+    f["generate"] = t["generate"].submit(f["prepare_portrait"], f["prepare_audio"], row.seed, row.prompt, cfg,
+                                         cache_uri)
+    f["decode"] = t["decode"].submit(f["prepare_portrait"], f["generate"], row.prompt, cfg, cache_uri)
     f["mux"] = t["mux"].submit(f["decode"], f["prepare_audio"], video, cache_uri)
     provenance = {
         "row": row.row,
         "inputs": {"portrait_uri": row.portrait_uri, "portrait_sha256": resolved["portrait_sha256"],
                    "audio_uri": row.audio_uri, "audio_sha256": resolved["audio_sha256"]},
-        "parameters": {"backend": cfg.backend, "backend_version": renderer_version(cfg.backend), "seed": row.seed,
-                       "prompt": row.prompt, "video": video.model_dump(), "preview": cfg.preview.model_dump()},
+        "parameters": {"backend": cfg.backend, "seed": row.seed, "prompt": row.prompt, "video": video.model_dump(),
+                       "renderer": stages.renderer_for(cfg).output_params(row.prompt)},
     }
     f["publish"] = t["publish"].submit(row.item_id, f["mux"], provenance, output_uri)
     return f
@@ -157,8 +158,8 @@ def render_manifest(manifest_uri: str, output_uri: str, backend: str = "preview"
         finish(item)
 
     # 1. resolve every row (hash inputs, find finished outputs); 2. render the rest as each resolves
-    resolving = {t["resolve"].submit(row.item_id, row.portrait_uri, row.audio_uri, row.seed, cfg.backend, cfg.audio,
-                                     cfg.preview, _video_config(cfg, row), output_uri): row
+    resolving = {t["resolve"].submit(row.item_id, row.portrait_uri, row.audio_uri, row.seed, row.prompt,
+                                     _row_config(cfg, row), output_uri): row
                  for row in rows if row.error is None}
     rendering: dict[PrefectFuture, tuple[ItemResult, dict[str, PrefectFuture]]] = {}
     for future in as_completed(list(resolving)):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from avatar_model.config import AudioConfig, PreviewConfig, VideoConfig
-
-BACKENDS = ("preview",)
+from avatar_model.backends import BACKENDS
+from avatar_model.config import AudioConfig, DiffusionConfig, PreviewConfig, VideoConfig
 
 
 class RetryConfig(BaseModel):
@@ -33,6 +32,7 @@ class PipelineConfig(BaseModel):
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
     preview: PreviewConfig = PreviewConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
     retry: RetryConfig = RetryConfig()
 
     def model_post_init(self, __context: object) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 from prefect import task
 from prefect.runtime import task_run
 
-from avatar_model.backends import renderer_version
+from avatar_model.config import AudioConfig, VideoConfig
 from avatar_model.errors import is_permanent
 
 from . import stages
+from .config import PipelineConfig
 
 
 def _is_retryable(task_obj: Any, run: Any, state: Any) -> bool:
@@ -41,13 +42,13 @@ _CACHED: dict[str, Any] = {"retry_condition_fn": _is_retryable, "persist_result"
 
 
 @task(name="resolve", retry_condition_fn=_is_retryable)
-def resolve_item(item_id: str, portrait_uri: str, audio_uri: str, seed: int, backend: str, audio: Any,
-                 preview: Any, video: Any, output_uri: str) -> dict:
+def resolve_item(item_id: str, portrait_uri: str, audio_uri: str, seed: int, prompt: str | None, cfg: PipelineConfig,
+                 output_uri: str) -> dict:
     """Hash the inputs (bytes, not URIs), derive the render key, find an output already published with it.
 
     Not cached: a changed input under the same name must be seen on every run.
     """
-    return _timed(stages.resolve, item_id, portrait_uri, audio_uri, seed, backend, audio, preview, video, output_uri)
+    return _timed(stages.resolve, item_id, portrait_uri, audio_uri, seed, prompt, cfg, output_uri)
 
 
 @task(name="prepare-portrait", **_CACHED,
@@ -58,32 +59,35 @@ def prepare_portrait(portrait_uri: str, portrait_sha256: str, short_side: int, c
 
 @task(name="prepare-audio", **_CACHED,
       cache_key_fn=lambda ctx, p: stages.audio_key(p["audio_sha256"], p["audio"], p["sample_rate"]))
-def prepare_audio(audio_uri: str, audio_sha256: str, audio: Any, sample_rate: int, cache_uri: str, name: str) -> dict:
+def prepare_audio(audio_uri: str, audio_sha256: str, audio: AudioConfig, sample_rate: int, cache_uri: str,
+                  name: str) -> dict:
     return _timed(stages.prepare_audio, audio_uri, audio_sha256, audio, sample_rate, cache_uri, name)
 
 
 def _generate_key(ctx: Any, p: dict) -> str:
-    return stages.generate_key(p["portrait"]["key"], p["audio"]["key"], p["seed"], renderer_version(p["backend"]),
-                               p["preview"], p["video"].fps)
+    params = stages.renderer_for(p["cfg"]).output_params(p["prompt"])
+    return stages.generate_key(p["portrait"]["key"], p["audio"]["key"], p["seed"], p["cfg"].video.fps, params)
 
 
 @task(name="generate", cache_key_fn=_generate_key, **_CACHED)
-def generate(portrait: dict, audio: dict, seed: int, backend: str, preview: Any, video: Any, cache_uri: str) -> dict:
-    return _timed(stages.generate, portrait, audio, seed, backend, preview, video, cache_uri)
+def generate(portrait: dict, audio: dict, seed: int, prompt: str | None, cfg: PipelineConfig, cache_uri: str) -> dict:
+    """Backend-specific motion or latents; on a GPU backend this is the expensive stage."""
+    return _timed(stages.generate, portrait, audio, seed, prompt, cfg, cache_uri)
 
 
 def _decode_key(ctx: Any, p: dict) -> str:
-    return stages.decode_key(p["portrait"]["key"], p["motion"]["key"], renderer_version(p["backend"]), p["video"])
+    params = stages.renderer_for(p["cfg"]).output_params(p["prompt"])
+    return stages.decode_key(p["portrait"]["key"], p["motion"]["key"], params, p["cfg"].video)
 
 
 @task(name="decode", cache_key_fn=_decode_key, **_CACHED)
-def decode(portrait: dict, motion: dict, backend: str, preview: Any, video: Any, cache_uri: str) -> dict:
-    return _timed(stages.decode, portrait, motion, backend, preview, video, cache_uri)
+def decode(portrait: dict, motion: dict, prompt: str | None, cfg: PipelineConfig, cache_uri: str) -> dict:
+    return _timed(stages.decode, portrait, motion, prompt, cfg, cache_uri)
 
 
 @task(name="mux", **_CACHED,
       cache_key_fn=lambda ctx, p: stages.mux_key(p["video_ref"]["key"], p["audio"]["key"], p["video"]))
-def mux(video_ref: dict, audio: dict, video: Any, cache_uri: str) -> dict:
+def mux(video_ref: dict, audio: dict, video: VideoConfig, cache_uri: str) -> dict:
     return _timed(stages.mux, video_ref, audio, video, cache_uri)
 
 

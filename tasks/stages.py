@@ -20,13 +20,15 @@ import numpy as np
 from PIL import Image
 
 from avatar_model import storage
-from avatar_model.backends import make_renderer, renderer_version
-from avatar_model.config import AudioConfig, PreviewConfig, VideoConfig
+from avatar_model.backends import Renderer, make_renderer
+from avatar_model.config import AudioConfig, VideoConfig
 from avatar_model.errors import EncoderError, TransientError
 from avatar_model.face.detector import FaceBox, detect_face
 from avatar_model.media.audio import check_speech, decode_audio, read_wav, write_wav
 from avatar_model.media.image import load_image, resize_to_bucket
 from avatar_model.media.video import VideoEncoder, frame_count, mux_audio, probe
+
+from .config import PipelineConfig
 
 # Bump a stage's version whenever its output for the same inputs changes.
 STAGE_VERSIONS = {"prepare_portrait": 1, "prepare_audio": 1, "generate": 1, "decode": 1, "mux": 1}
@@ -65,13 +67,12 @@ def audio_key(audio_sha256: str, audio: AudioConfig, sample_rate: int) -> str:
     return stage_key("prepare_audio", audio=audio_sha256, rules=audio.model_dump(), sample_rate=sample_rate)
 
 
-def generate_key(portrait: str, audio: str, seed: int, backend_version: str, preview: PreviewConfig, fps: int) -> str:
-    return stage_key("generate", portrait=portrait, audio=audio, seed=seed, backend=backend_version,
-                     preview=preview.model_dump(), fps=fps)
+def generate_key(portrait: str, audio: str, seed: int, fps: int, renderer: dict[str, Any]) -> str:
+    return stage_key("generate", portrait=portrait, audio=audio, seed=seed, fps=fps, renderer=renderer)
 
 
-def decode_key(portrait: str, motion: str, backend_version: str, video: VideoConfig) -> str:
-    return stage_key("decode", portrait=portrait, motion=motion, backend=backend_version,
+def decode_key(portrait: str, motion: str, renderer: dict[str, Any], video: VideoConfig) -> str:
+    return stage_key("decode", portrait=portrait, motion=motion, renderer=renderer,
                      video=video.model_dump(exclude={"audio_sample_rate", "audio_bitrate"}))
 
 
@@ -80,14 +81,18 @@ def mux_key(silent_video: str, audio: str, video: VideoConfig) -> str:
                      bitrate=video.audio_bitrate, fps=video.fps)
 
 
-def item_keys(portrait_sha256: str, audio_sha256: str, seed: int, backend: str, audio: AudioConfig,
-              preview: PreviewConfig, video: VideoConfig) -> dict[str, str]:
+def renderer_for(cfg: PipelineConfig) -> Renderer:
+    return make_renderer(cfg.backend, cfg.preview, cfg.video, cfg.diffusion)
+
+
+def item_keys(portrait_sha256: str, audio_sha256: str, seed: int, prompt: str | None,
+              cfg: PipelineConfig) -> dict[str, str]:
     """Every stage key of one item, in pipeline order."""
-    version = renderer_version(backend)
+    video, params = cfg.video, renderer_for(cfg).output_params(prompt)
     keys = {"prepare_portrait": portrait_key(portrait_sha256, video.short_side),
-            "prepare_audio": audio_key(audio_sha256, audio, video.audio_sample_rate)}
-    keys["generate"] = generate_key(keys["prepare_portrait"], keys["prepare_audio"], seed, version, preview, video.fps)
-    keys["decode"] = decode_key(keys["prepare_portrait"], keys["generate"], version, video)
+            "prepare_audio": audio_key(audio_sha256, cfg.audio, video.audio_sample_rate)}
+    keys["generate"] = generate_key(keys["prepare_portrait"], keys["prepare_audio"], seed, video.fps, params)
+    keys["decode"] = decode_key(keys["prepare_portrait"], keys["generate"], params, video)
     keys["mux"] = mux_key(keys["decode"], keys["prepare_audio"], video)
     return keys
 
@@ -114,11 +119,11 @@ def published_sidecar(output_uri: str, item_id: str, render_key: str) -> dict[st
     return sidecar if sidecar.get("render_key") == render_key and storage.exists(video_uri) else None
 
 
-def resolve(item_id: str, portrait_uri: str, audio_uri: str, seed: int, backend: str, audio: AudioConfig,
-            preview: PreviewConfig, video: VideoConfig, output_uri: str) -> Ref:
+def resolve(item_id: str, portrait_uri: str, audio_uri: str, seed: int, prompt: str | None, cfg: PipelineConfig,
+            output_uri: str) -> Ref:
     """Hash both inputs, derive the item's render key, and look for a finished output with that key."""
     portrait_sha256, audio_sha256 = fingerprint(portrait_uri), fingerprint(audio_uri)
-    render_key = item_keys(portrait_sha256, audio_sha256, seed, backend, audio, preview, video)["mux"]
+    render_key = item_keys(portrait_sha256, audio_sha256, seed, prompt, cfg)["mux"]
     return {"portrait_sha256": portrait_sha256, "audio_sha256": audio_sha256, "render_key": render_key,
             "published": published_sidecar(output_uri, item_id, render_key)}
 
@@ -162,36 +167,34 @@ def prepare_audio(
 
 def _load_portrait(portrait: Ref) -> tuple[np.ndarray, FaceBox]:
     with storage.local_copy(portrait["uri"], ".png") as path:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        image = np.array(Image.open(path).convert("RGB"))  # writable: torch refuses read-only buffers
     return image, FaceBox.from_dict(portrait["face"])
 
 
-def generate(
-    portrait: Ref, audio: Ref, seed: int, backend: str, preview: PreviewConfig, video: VideoConfig, cache_uri: str
-) -> Ref:
+def generate(portrait: Ref, audio: Ref, seed: int, prompt: str | None, cfg: PipelineConfig, cache_uri: str) -> Ref:
     """Backend-specific motion (preview) or latents (diffusion) for the whole clip."""
-    renderer = make_renderer(backend, preview, video)
-    key = generate_key(portrait["key"], audio["key"], seed, renderer.version, preview, video.fps)
+    renderer = renderer_for(cfg)
+    key = generate_key(portrait["key"], audio["key"], seed, cfg.video.fps, renderer.output_params(prompt))
     image, face = _load_portrait(portrait)
-    n_frames = frame_count(audio["duration_s"], video.fps)
+    n_frames = frame_count(audio["duration_s"], cfg.video.fps)
     with storage.local_copy(audio["uri"], ".wav") as wav, tempfile.TemporaryDirectory(prefix="avatar-gen-") as tmp:
         samples, rate = read_wav(wav)
         local = Path(tmp) / f"generated{renderer.artifact_suffix}"
-        renderer.generate(image, face, samples, rate, n_frames, seed, local)
+        renderer.generate(image, face, samples, rate, n_frames, seed, prompt, local)
         uri = _publish_artifact(local, cache_uri, "generate", key)
     return {"key": key, "uri": uri, "n_frames": n_frames}
 
 
-def decode(portrait: Ref, motion: Ref, backend: str, preview: PreviewConfig, video: VideoConfig, cache_uri: str) -> Ref:
+def decode(portrait: Ref, motion: Ref, prompt: str | None, cfg: PipelineConfig, cache_uri: str) -> Ref:
     """Render frames chunk by chunk straight into one H.264 encoder (the video is never held in memory)."""
-    renderer = make_renderer(backend, preview, video)
-    key = decode_key(portrait["key"], motion["key"], renderer.version, video)
+    renderer = renderer_for(cfg)
+    key = decode_key(portrait["key"], motion["key"], renderer.output_params(prompt), cfg.video)
     image, face = _load_portrait(portrait)
     height, width = image.shape[:2]
     with storage.local_copy(motion["uri"], renderer.artifact_suffix) as artifact, \
             tempfile.TemporaryDirectory(prefix="avatar-decode-") as tmp:
         local = Path(tmp) / "silent.mp4"
-        with VideoEncoder(local, width, height, video) as encoder:
+        with VideoEncoder(local, width, height, cfg.video) as encoder:
             for chunk in renderer.render(image, face, artifact):
                 encoder.write(chunk)
         if encoder.frames_written != motion["n_frames"]:

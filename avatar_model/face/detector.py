@@ -18,6 +18,7 @@ from ..errors import FaceNotFound
 logger = logging.getLogger(__name__)
 
 MIN_FACE_FRACTION = 0.08  # of the image's short side
+DETECT_MIN_SHORT_SIDE = 256  # smaller portraits are enlarged for detection
 DETECT_MAX_SIDE = 640  # larger images are detected on a downscaled copy
 
 # Typical positions inside a Haar frontal-face box, as fractions of its width/height.
@@ -106,8 +107,11 @@ def _equalized_gray(image: np.ndarray) -> np.ndarray:
 def detect_face(image: np.ndarray, name: str = "image") -> FaceBox:
     """The largest frontal face in an RGB image; raises `FaceNotFound` rather than guessing."""
     height, width = image.shape[:2]
+    # the cascade works best on faces of tens to hundreds of pixels: shrink big images, enlarge small ones
     scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
-    small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    scale = max(scale, DETECT_MIN_SHORT_SIDE / min(height, width))
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
+    small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
     min_side = max(20, int(MIN_FACE_FRACTION * min(small.shape[:2])))
     faces = _cascade("haarcascade_frontalface_default.xml").detectMultiScale(
         _equalized_gray(small), scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)

@@ -396,7 +396,7 @@ class AvatarPipeline:
     # ------------------------------------------------------------------------------------------- call
 
     @torch.no_grad()
-    def __call__(
+    def generate_latents(
         self,
         portrait: np.ndarray,
         audio_16k: np.ndarray,
@@ -406,11 +406,11 @@ class AvatarPipeline:
         guidance_scale: float = 7.5,
         negative_prompt: str = prompts.NEGATIVE_PROMPT,
         latents: torch.Tensor | None = None,
-    ) -> AvatarOutput:
-        """Animate ``portrait`` (RGB uint8 [H, W, 3], H and W multiples of 16) to ``audio_16k`` (mono float, 16 kHz).
+    ) -> tuple[torch.Tensor, int]:
+        """Denoise: the latents that cover the audio [1, C, A//4 + 1, H/8, W/8] and the video frame count.
 
-        Denoising runs now; the returned ``frames`` iterator decodes lazily, one VAE tile at a time. ``latents``
-        optionally replaces the seeded initial noise ([1, 16, L, H/8, W/8], L = the plan's infer length).
+        Split from decoding so a batch pipeline can cache the expensive half and decode (or retry decoding) apart.
+        ``latents`` optionally replaces the seeded initial noise ([1, 16, L, H/8, W/8], L = the plan's infer length).
         """
         self.check_inputs(portrait, audio_16k, prompt, num_inference_steps)
         plan = WindowPlan(audio_frame_count(len(audio_16k), self.config.fps))
@@ -426,10 +426,16 @@ class AvatarPipeline:
         self.set_timesteps(num_inference_steps)
         cond = self.build_conditioning(positive, negative, face, ref_latents, plan)
 
-        # 3. Denoise, keep the latents that cover the audio, decode lazily
+        # 3. Denoise; keep the latents that cover the audio
         latents = self.denoise(latents, audio, cond, plan, guidance_scale)
-        del audio, cond
-        latents = latents[:, :, : plan.kept_latents].clone()  # [1, C, A//4 + 1, h, w]
+        return latents[:, :, : plan.kept_latents].clone(), plan.output_frames
+
+    def __call__(self, portrait: np.ndarray, audio_16k: np.ndarray, prompt: str, seed: int, **options) -> AvatarOutput:
+        """Animate ``portrait`` (RGB uint8 [H, W, 3], H and W multiples of 16) to ``audio_16k`` (mono float, 16 kHz).
+
+        Denoising runs now (``options`` as in `generate_latents`); the returned ``frames`` iterator decodes lazily,
+        one VAE tile at a time.
+        """
+        latents, num_frames = self.generate_latents(portrait, audio_16k, prompt, seed, **options)
         height, width = portrait.shape[:2]
-        frames = self.decode(latents, plan.output_frames)
-        return AvatarOutput(frames, plan.output_frames, height, width, self.config.fps)
+        return AvatarOutput(self.decode(latents, num_frames), num_frames, height, width, self.config.fps)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import cv2
 import numpy as np
 import torch
 from transformers import (
@@ -33,7 +32,6 @@ from avatar_model.hunyuan.text_encoders import AvatarTextEncoder, build_tiny_tex
 from avatar_model.hunyuan.transformer import AvatarTransformer3DModel
 from avatar_model.hunyuan.vae import TINY_VAE_CONFIG, build_vae, load_vae
 
-HAAR_MIN_SHORT_SIDE = 256  # the OpenCV cascade misses small faces; smaller portraits are upscaled for detection
 
 
 @dataclass(frozen=True)
@@ -139,11 +137,9 @@ def tiny_whisper_config() -> WhisperConfig:
 
 
 def haar_face_box(image: np.ndarray) -> tuple[float, float, float, float]:
-    """Face box (x, y, w, h) from the OpenCV cascade, detecting on an upscaled copy when the portrait is small."""
-    scale = max(1.0, HAAR_MIN_SHORT_SIDE / min(image.shape[:2]))
-    big = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-    face = detect_face(big, name="portrait")
-    return face.x / scale, face.y / scale, face.w / scale, face.h / scale
+    """Face box (x, y, w, h) from the bundled OpenCV cascade (the tiny preset has no detector checkpoint)."""
+    face = detect_face(image, name="portrait")
+    return face.x, face.y, face.w, face.h
 
 
 def _tiny_random_pipeline(seed: int, device: torch.device, config: AvatarPipelineConfig) -> AvatarPipeline:
