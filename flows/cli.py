@@ -25,7 +25,7 @@ console = Console(stderr=True)
 def render(
     manifest: Annotated[str, typer.Argument(help="manifest URI (path, file://, s3://)")],
     output: Annotated[str, typer.Option("--output", "-o", help="output prefix (path, file://, s3://)")],
-    backend: Annotated[str, typer.Option(help="renderer")] = "preview",
+    backend: Annotated[str, typer.Option(help="preview | hunyuan-avatar | tiny-random")] = "preview",
     cache: Annotated[Optional[str], typer.Option(help="cache prefix; default <output>/.cache")] = None,
     max_workers: Annotated[int, typer.Option(help="concurrent stage tasks")] = 4,
     retries: Annotated[int, typer.Option(help="retries of transient failures per stage")] = 3,
