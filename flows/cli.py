@@ -25,21 +25,28 @@ console = Console(stderr=True)
 def render(
     manifest: Annotated[str, typer.Argument(help="manifest URI (path, file://, s3://)")],
     output: Annotated[str, typer.Option("--output", "-o", help="output prefix (path, file://, s3://)")],
-    backend: Annotated[str, typer.Option(help="preview | hunyuan-avatar | tiny-random")] = "preview",
+    backend: Annotated[Optional[str], typer.Option(help="preview (default) | hunyuan-avatar | tiny-random")] = None,
     cache: Annotated[Optional[str], typer.Option(help="cache prefix; default <output>/.cache")] = None,
-    max_workers: Annotated[int, typer.Option(help="concurrent stage tasks")] = 4,
-    retries: Annotated[int, typer.Option(help="retries of transient failures per stage")] = 3,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file with a full PipelineConfig")] = None,
+    max_workers: Annotated[Optional[int], typer.Option(help="concurrent stage tasks (default 4)")] = None,
+    retries: Annotated[Optional[int], typer.Option(help="retries of transient failures per stage (default 3)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file with a PipelineConfig; flags override it")] = None,
 ) -> None:
-    """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the manifest is unusable."""
+    """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the input is unusable."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.render_manifest import ITEM_DONE, ItemsFailed, render_manifest
-    from tasks.config import PipelineConfig, RetryConfig
+    from tasks.config import PipelineConfig
 
-    base = PipelineConfig.model_validate_json(config.read_text()) if config else PipelineConfig()
-    cfg = base.model_copy(update={"backend": backend, "cache_uri": cache or base.cache_uri, "max_workers": max_workers,
-                                  "retry": RetryConfig(**{**base.retry.model_dump(), "retries": retries})})
+    try:
+        base = PipelineConfig.model_validate_json(config.read_text()) if config else PipelineConfig()
+        flags = {"backend": backend, "cache_uri": cache, "max_workers": max_workers}
+        settings = {**base.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+        if retries is not None:
+            settings["retry"] = {**settings["retry"], "retries": retries}
+        cfg = PipelineConfig.model_validate(settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        console.print(f"[red]configuration rejected:[/red] {exc}")
+        raise typer.Exit(2) from exc
     try:
         total = len(load_manifest(manifest))
     except ManifestError as exc:
@@ -58,7 +65,7 @@ def render(
 
         token = ITEM_DONE.set(item_done)
         try:
-            state = flow(manifest_uri=manifest, output_uri=output, backend=backend, config=cfg, return_state=True)
+            state = flow(manifest_uri=manifest, output_uri=output, backend=cfg.backend, config=cfg, return_state=True)
         finally:
             ITEM_DONE.reset(token)
 

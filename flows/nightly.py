@@ -9,6 +9,7 @@ from datetime import date
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.render_manifest import render_manifest
 from tasks.config import PipelineConfig
@@ -27,5 +28,7 @@ def nightly_render(manifest_template: str, output_template: str, day: date | Non
                    backend: str = "preview", config: PipelineConfig | None = None) -> dict:
     """Render ``manifest_template.format(date=…)`` into ``output_template.format(date=…)`` as a subflow."""
     logical = run_day(day).isoformat()
-    return render_manifest(manifest_uri=manifest_template.format(date=logical),
-                           output_uri=output_template.format(date=logical), backend=backend, config=config)
+    workers = (config or PipelineConfig()).max_workers
+    render = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    return render(manifest_uri=manifest_template.format(date=logical),
+                  output_uri=output_template.format(date=logical), backend=backend, config=config)

@@ -122,7 +122,7 @@ def _already_published(result: ItemResult, sidecar: dict, output_uri: str) -> It
     result.cache_hits += len(RENDER_STAGES)
     result.stage_seconds.update(dict.fromkeys(RENDER_STAGES, 0.0))
     result.output_uri, result.sha256 = sidecar["video_uri"], sidecar["sha256"]
-    result.sidecar_uri = storage.join(output_uri, "videos", f"{result.item_id}.json")
+    result.sidecar_uri = stages.output_uris(output_uri, result.item_id)[1]
     result.frame_count, result.video_seconds, result.audio_seconds = (
         sidecar["frame_count"], sidecar["video_seconds"], sidecar["audio_seconds"])
     return result
@@ -137,7 +137,7 @@ def render_manifest(manifest_uri: str, output_uri: str, backend: str = "preview"
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    cfg = (config or PipelineConfig()).model_copy(update={"backend": backend})
+    cfg = PipelineConfig.model_validate({**(config or PipelineConfig()).model_dump(), "backend": backend})
     cache_uri = cfg.cache_uri or storage.join(output_uri, ".cache")
     rows = load_manifest(manifest_uri)
     logger.info("manifest %s: %d rows (%d invalid)", manifest_uri, len(rows), sum(r.error is not None for r in rows))

@@ -102,3 +102,11 @@ def test_manifest_schema_error_stops_the_run_before_any_work(tmp_path):
     assert state.is_failed()
     assert "missing required column" in str(state.result(raise_on_failure=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_backend_fails_the_run_before_any_work(tmp_path, demo_dir):
+    state = render_manifest(str(demo_dir.parent / "demo.parquet"), str(tmp_path / "out"), backend="sora",
+                            return_state=True)
+    assert state.is_failed()
+    assert "unknown backend 'sora'" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "out").exists()

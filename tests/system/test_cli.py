@@ -41,3 +41,15 @@ def test_unusable_manifest_exits_2_with_one_clear_message(tmp_path, cli):
         assert done.returncode == 2
         assert "missing required column(s) ['portrait_uri']" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_configuration_exits_2_naming_the_problem(tmp_path, demo_dir, cli):
+    config = tmp_path / "cfg.json"
+    config.write_text('{"backend": "tiny-random", "video": {"crf": 99}}')
+    done = cli(["render", str(demo_dir.parent / "demo.parquet"), "--output", str(tmp_path / "out"),
+                "--config", str(config)], {})
+    assert done.returncode == 2 and "crf" in done.stderr
+    done = cli(["render", str(demo_dir.parent / "demo.parquet"), "--output", str(tmp_path / "out"),
+                "--backend", "sora"], {})
+    assert done.returncode == 2 and "unknown backend 'sora'" in done.stderr
+    assert not (tmp_path / "out").exists()
