@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from avatar_model.media.video import VideoEncoder, frame_count, mux_audio, probe
 from .config import PipelineConfig
 
 # Bump a stage's version whenever its output for the same inputs changes.
-STAGE_VERSIONS = {"prepare_portrait": 1, "prepare_audio": 1, "generate": 1, "decode": 1, "mux": 1}
+STAGE_VERSIONS = MappingProxyType({"prepare_portrait": 1, "prepare_audio": 1, "generate": 1, "decode": 1, "mux": 1})
 
 Ref = dict[str, Any]
 
