@@ -155,13 +155,3 @@ def publish_bytes(data: bytes, uri: str) -> None:
         publish_file(tmp.name, uri)
     finally:
         os.unlink(tmp.name)
-
-
-def fetch_file(uri: str, local_path: str | os.PathLike) -> None:
-    """Download ``uri`` to ``local_path``."""
-    fs, path = filesystem(uri)
-    try:
-        fs.get_file(path, str(local_path))
-    except Exception as exc:  # noqa: BLE001
-        _reraise_storage(uri, exc)
-        raise

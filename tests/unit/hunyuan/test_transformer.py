@@ -65,7 +65,7 @@ def make_inputs(batch: int = 2, seed: int = 1, frames: int = FRAMES) -> dict[str
 def reference_forward(sd: dict[str, torch.Tensor], c: AvatarTransformerConfig, x, t, text_states, text_mask,
                       text_states_2, ref_latents, audio_prompts, face_mask, motion_exp, motion_pose, fps):
     """Official equations on official keys; returns (output, state entering the last single block)."""
-    hidden, heads, hd = c.hidden_size, c.num_heads, c.head_dim
+    hidden, heads = c.hidden_size, c.num_heads
     batch, _, frames, height, width = x.shape
     pt, ph, pw = c.patch_size
     th, tw = height // ph, width // pw
