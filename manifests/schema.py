@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import pandas as pd
@@ -26,9 +27,9 @@ import pyarrow.parquet as pq
 from avatar_model import storage
 from avatar_model.errors import AvatarError, DuplicateItemId, InvalidParameter
 
-REQUIRED_COLUMNS: dict[str, str] = {"item_id": "string", "portrait_uri": "string", "audio_uri": "string"}
-OPTIONAL_COLUMNS: dict[str, str] = {"prompt": "string", "seed": "integer", "short_side": "integer", "crf": "integer"}
-OPTION_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 2**63 - 1), "short_side": (64, 2048), "crf": (0, 51)}
+REQUIRED_COLUMNS = MappingProxyType({"item_id": "string", "portrait_uri": "string", "audio_uri": "string"})
+OPTIONAL_COLUMNS = MappingProxyType({"prompt": "string", "seed": "integer", "short_side": "integer", "crf": "integer"})
+OPTION_RANGES = MappingProxyType({"seed": (0, 2**63 - 1), "short_side": (64, 2048), "crf": (0, 51)})
 
 
 class ManifestError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 from prefect import task
@@ -38,7 +39,7 @@ def _timed(fn: Callable[..., dict], *args: Any) -> dict:
     return {**ref, "seconds": time.perf_counter() - started, "attempts": task_run.run_count}
 
 
-_CACHED: dict[str, Any] = {"retry_condition_fn": _is_retryable, "persist_result": True}
+_CACHED = MappingProxyType({"retry_condition_fn": _is_retryable, "persist_result": True})
 
 
 @task(name="resolve", retry_condition_fn=_is_retryable)
