@@ -21,6 +21,7 @@ class VideoConfig(_Frozen):
     chunk_frames: int = Field(32, ge=1, description="frames handed to the encoder per write")
     audio_sample_rate: int = Field(48000, description="sample rate of the delivered (muxed) audio")
     audio_bitrate: str = "128k"
+    ffmpeg_timeout_s: float = Field(600.0, gt=0, description="a hung encode/mux is killed and retried after this")
 
 
 class AudioConfig(_Frozen):
@@ -28,6 +29,7 @@ class AudioConfig(_Frozen):
 
     max_seconds: float = Field(600.0, gt=0, description="longer audio is rejected, never truncated")
     silence_dbfs: float = Field(-50.0, description="peak level below which audio counts as silent")
+    decode_timeout_s: float = Field(300.0, gt=0, description="a hung decode is killed and retried after this")
 
 
 class PreviewConfig(_Frozen):

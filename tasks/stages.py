@@ -158,7 +158,7 @@ def prepare_audio(
     with tempfile.TemporaryDirectory(prefix="avatar-audio-") as tmp:
         source = Path(tmp) / f"source{suffix}"
         source.write_bytes(_read_verified(audio_uri, audio_sha256))
-        samples = decode_audio(source, sample_rate, name=name)
+        samples = decode_audio(source, sample_rate, name=name, timeout_s=audio.decode_timeout_s)
         duration = check_speech(samples, sample_rate, audio, name=name)
         local = Path(tmp) / "audio.wav"
         write_wav(local, samples, sample_rate)

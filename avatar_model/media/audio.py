@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 
 from ..config import AudioConfig
-from ..errors import EmptyAudio, InvalidParameter, SilentAudio, UndecodableAudio
+from ..errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,17 @@ def stderr_tail(stderr: bytes | str) -> str:
     return text[-STDERR_TAIL_CHARS:] if text else "(no output from ffmpeg)"
 
 
-def decode_audio(path: str | Path, sample_rate: int, name: str = "audio") -> np.ndarray:
-    """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sample_rate``."""
+def decode_audio(path: str | Path, sample_rate: int, name: str = "audio", timeout_s: float | None = None) -> np.ndarray:
+    """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sample_rate``.
+
+    A decode still running after ``timeout_s`` is killed and raises `TransientError` (worth a retry).
+    """
     command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0"]
     command += ["-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
-    result = subprocess.run(command, capture_output=True, check=False)
+    try:
+        result = subprocess.run(command, capture_output=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise TransientError(f"{name}: decoding audio timed out after {timeout_s} s") from exc
     if result.returncode != 0:
         raise UndecodableAudio(f"{name}: cannot decode audio: {stderr_tail(result.stderr)}")
     samples = np.frombuffer(result.stdout, dtype="<f4")

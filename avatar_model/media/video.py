@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from ..config import VideoConfig
-from ..errors import EncoderError
+from ..errors import EncoderError, TransientError
 from .audio import ffmpeg_executable, stderr_tail
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,11 @@ class VideoEncoder:
             self._process.stdin.close()
         except BrokenPipeError:
             pass
-        returncode = self._process.wait()
+        try:
+            returncode = self._process.wait(timeout=self.config.ffmpeg_timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            self._abort()
+            raise TransientError(f"{self.path.name}: ffmpeg did not finish within {self.config.ffmpeg_timeout_s} s") from exc
         if returncode != 0:
             self.path.unlink(missing_ok=True)
             raise EncoderError(f"{self.path.name}: ffmpeg exited with {returncode}: {self._stderr_tail()}")
@@ -129,7 +133,11 @@ def mux_audio(
     command += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-af", "apad", "-t", f"{duration:.6f}"]
     command += ["-c:a", "aac", "-b:a", config.audio_bitrate, "-ar", str(config.audio_sample_rate)]
     command += ["-movflags", "+faststart", "-f", "mp4", str(out_path)]
-    result = subprocess.run(command, capture_output=True, check=False)
+    try:
+        result = subprocess.run(command, capture_output=True, check=False, timeout=config.ffmpeg_timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        Path(out_path).unlink(missing_ok=True)
+        raise TransientError(f"{Path(out_path).name}: muxing timed out after {config.ffmpeg_timeout_s} s") from exc
     if result.returncode != 0:
         Path(out_path).unlink(missing_ok=True)
         raise EncoderError(f"{Path(out_path).name}: muxing audio failed: {stderr_tail(result.stderr)}")

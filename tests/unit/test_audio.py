@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from avatar_model.config import AudioConfig
-from avatar_model.errors import EmptyAudio, InvalidParameter, SilentAudio, UndecodableAudio
+from avatar_model.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 from avatar_model.media.audio import check_speech, decode_audio, ffmpeg_executable, read_wav, write_wav
 
 SR = 16000
@@ -112,3 +112,9 @@ def test_too_long_audio_is_rejected_not_truncated():
     with pytest.raises(InvalidParameter, match="limit"):
         check_speech(samples, SR, AudioConfig(max_seconds=1.0))
     assert len(samples) == 2 * SR
+
+
+def test_decode_that_overruns_its_timeout_is_transient(tmp_path):
+    write_wav(tmp_path / "a.wav", tone(2.0), SR)
+    with pytest.raises(TransientError, match="clip-7: decoding audio timed out"):
+        decode_audio(tmp_path / "a.wav", SR, name="clip-7", timeout_s=1e-4)

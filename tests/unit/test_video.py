@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from avatar_model.config import VideoConfig
-from avatar_model.errors import EncoderError
+from avatar_model.errors import EncoderError, TransientError
 from avatar_model.media.audio import write_wav
 from avatar_model.media.video import VideoEncoder, frame_count, mux_audio, probe
 
@@ -92,3 +92,12 @@ def test_odd_frame_size_is_refused(tmp_path):
 @pytest.mark.parametrize(("seconds", "fps", "expected"), [(1.0, 25, 25), (2.03, 25, 51), (0.041, 25, 1), (0.01, 25, 1)])
 def test_frame_count(seconds, fps, expected):
     assert frame_count(seconds, fps) == expected
+
+
+def test_mux_that_overruns_its_timeout_is_killed_and_transient(tmp_path, silent_video):
+    write_wav(tmp_path / "speech.wav", np.zeros(16000, dtype=np.float32), 16000)
+    out = tmp_path / "final.mp4"
+    impatient = CONFIG.model_copy(update={"ffmpeg_timeout_s": 1e-4})
+    with pytest.raises(TransientError, match="timed out"):
+        mux_audio(silent_video, tmp_path / "speech.wav", out, N_FRAMES, impatient)
+    assert not out.exists()
