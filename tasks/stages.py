@@ -65,7 +65,8 @@ def portrait_key(portrait_sha256: str, short_side: int) -> str:
 
 
 def audio_key(audio_sha256: str, audio: AudioConfig, sample_rate: int) -> str:
-    return stage_key("prepare_audio", audio=audio_sha256, rules=audio.model_dump(), sample_rate=sample_rate)
+    rules = audio.model_dump(exclude={"decode_timeout_s"})  # how long we wait does not change the result
+    return stage_key("prepare_audio", audio=audio_sha256, rules=rules, sample_rate=sample_rate)
 
 
 def generate_key(portrait: str, audio: str, seed: int, fps: int, renderer: dict[str, Any]) -> str:
@@ -73,8 +74,9 @@ def generate_key(portrait: str, audio: str, seed: int, fps: int, renderer: dict[
 
 
 def decode_key(portrait: str, motion: str, renderer: dict[str, Any], video: VideoConfig) -> str:
-    return stage_key("decode", portrait=portrait, motion=motion, renderer=renderer,
-                     video=video.model_dump(exclude={"audio_sample_rate", "audio_bitrate"}))
+    # frames depend on fps, size and x264 settings; not on chunking, timeouts or audio options
+    picture = video.model_dump(exclude={"audio_sample_rate", "audio_bitrate", "chunk_frames", "ffmpeg_timeout_s"})
+    return stage_key("decode", portrait=portrait, motion=motion, renderer=renderer, video=picture)
 
 
 def mux_key(silent_video: str, audio: str, video: VideoConfig) -> str:

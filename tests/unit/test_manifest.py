@@ -101,3 +101,4 @@ def test_folder_manifest_pairs_audio_with_longest_prefix_portrait(tmp_path):
     (tmp_path / "carol.wav").write_bytes(b"x")
     with pytest.raises(ValueError, match="carol.wav"):
         manifest_for_folder(tmp_path)
+
