@@ -55,7 +55,8 @@ class DiffusionConfig(_Frozen):
     steps: int = Field(50, ge=1, le=200)
     guidance_scale: float = Field(7.5, ge=1.0)
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = Field("auto", description="DiT compute dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float32'")
+    dtype: str = Field("auto", description="DiT compute dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', "
+                                           "'float32'")
     fp8: bool = Field(False, description="use the official fp8 checkpoint (weight-only float8, per-layer scales)")
     group_offload: bool = Field(False, description="stream DiT blocks from CPU memory (low VRAM, slower)")
     step_cache: bool = Field(True, description="official last-block cache on 20 of 50 steps")

@@ -64,9 +64,9 @@ def _submit_render(t: dict[str, Any], row: ManifestRow, resolved: dict, cfg: Pip
     f["prepare_audio"] = t["prepare_audio"].submit(
         row.audio_uri, resolved["audio_sha256"], cfg.audio, video.audio_sample_rate, cache_uri, row.item_id)
     f["generate"] = t["generate"].submit(f["prepare_portrait"], f["prepare_audio"], row.seed, row.prompt, cfg,
-                                         cache_uri)
-    f["decode"] = t["decode"].submit(f["prepare_portrait"], f["generate"], row.prompt, cfg, cache_uri)
-    f["mux"] = t["mux"].submit(f["decode"], f["prepare_audio"], video, cache_uri)
+                                         cache_uri, row.item_id)
+    f["decode"] = t["decode"].submit(f["prepare_portrait"], f["generate"], row.prompt, cfg, cache_uri, row.item_id)
+    f["mux"] = t["mux"].submit(f["decode"], f["prepare_audio"], video, cache_uri, row.item_id)
     provenance = {
         "row": row.row,
         "inputs": {"portrait_uri": row.portrait_uri, "portrait_sha256": resolved["portrait_sha256"],

@@ -104,7 +104,8 @@ class VideoEncoder:
             returncode = self._process.wait(timeout=self.config.ffmpeg_timeout_s)
         except subprocess.TimeoutExpired as exc:
             self._abort()
-            raise TransientError(f"{self.path.name}: ffmpeg did not finish within {self.config.ffmpeg_timeout_s} s") from exc
+            limit = self.config.ffmpeg_timeout_s
+            raise TransientError(f"{self.path.name}: ffmpeg did not finish within {limit} s") from exc
         if returncode != 0:
             self.path.unlink(missing_ok=True)
             raise EncoderError(f"{self.path.name}: ffmpeg exited with {returncode}: {self._stderr_tail()}")
