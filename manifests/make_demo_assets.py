@@ -1,4 +1,4 @@
-"""Regenerate the demo portraits and speech clips in ``manifests/demo/``.
+"""Regenerate the demo portraits and speech clips in ``manifests/demo/`` and the manifest ``manifests/demo.parquet``.
 
 The outputs are committed, so nothing here runs in CI or tests. Regenerating needs ``espeak-ng`` on PATH
 (speech synthesis) in addition to the project's requirements (numpy, scipy, soundfile, Pillow, scikit-image).
@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile
 from PIL import Image
 from scipy import signal
@@ -71,6 +73,25 @@ def make_portraits(out: Path) -> None:
     closeup.save(out / "astronaut_closeup.jpg", quality=90)
 
 
+# (item_id, portrait, audio, prompt, seed); URIs are relative to the manifest's folder
+DEMO_ROWS = (
+    ("hello-astronaut", "demo/astronaut.png", "demo/hello_en_us.wav", "A friendly astronaut greets the audience.", 1),
+    ("fox-closeup", "demo/astronaut_closeup.jpg", "demo/fox_en_f.wav", "A calm narrator reads a pangram.", 2),
+    ("pauses-astronaut", "demo/astronaut.png", "demo/pauses_en_gb.wav", "A speaker pauses between phrases.", 3),
+)
+
+
+def make_manifest(path: Path) -> None:
+    """The demo manifest, with the schema's column types (strings, int64 seed)."""
+    columns = list(zip(*DEMO_ROWS))
+    table = pa.table({
+        "item_id": pa.array(columns[0], pa.string()), "portrait_uri": pa.array(columns[1], pa.string()),
+        "audio_uri": pa.array(columns[2], pa.string()), "prompt": pa.array(columns[3], pa.string()),
+        "seed": pa.array(columns[4], pa.int64()),
+    })
+    pq.write_table(table, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo")
@@ -83,6 +104,7 @@ def main() -> None:
             clip = make_clip(voice, speed, phrases, Path(tmp))
             soundfile.write(str(args.out / file_name), clip, SAMPLE_RATE, subtype="PCM_16")
             logger.info("%s: %.2f s", file_name, len(clip) / SAMPLE_RATE)
+    make_manifest(args.out.parent / "demo.parquet")
 
 
 if __name__ == "__main__":
