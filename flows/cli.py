@@ -6,7 +6,10 @@ The CLI is the edge of the system: it is the only place that reads flags and tur
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -138,5 +141,24 @@ def validate(manifest: Annotated[str, typer.Argument(help="manifest URI")]) -> N
     raise typer.Exit(1 if bad else 0)
 
 
+def main() -> None:
+    """Console entry point: run the command, then end the process without native static teardown.
+
+    pyarrow's thread pools can abort the interpreter's final teardown ("terminate called without an active
+    exception", apache/arrow#34314), turning a finished command into exit -6. So: run the atexit handlers
+    (Prefect stops its temporary server and flushes run history there), flush stdio, and `os._exit` with the
+    command's own exit code.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()
