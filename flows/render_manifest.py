@@ -104,13 +104,14 @@ def _account(result: ItemResult, stage: str, state: State) -> dict:
 
 def _rendered(result: ItemResult, futures: dict[str, PrefectFuture]) -> ItemResult:
     """Fold a rendered item's stage states into its results row: the first failed stage names the error."""
+    refs: dict[str, dict] = {}
     for stage in RENDER_STAGES:
         state = futures[stage].state
         if state.is_failed():
             return _fail(result, stage, state)
         if state.is_completed():
-            _account(result, stage, state)
-    mux, publish = futures["mux"].state.result(), futures["publish"].state.result()
+            refs[stage] = _account(result, stage, state)
+    mux, publish = refs["mux"], refs["publish"]
     result.output_uri, result.sidecar_uri, result.sha256 = publish["output_uri"], publish["sidecar_uri"], mux["sha256"]
     result.frame_count, result.video_seconds, result.audio_seconds = (
         mux["n_frames"], mux["video_seconds"], mux["audio_seconds"])
