@@ -4,6 +4,8 @@ Every knob of `avatar_model` lives here and is passed down explicitly; nothing b
 The orchestration layer nests these models inside its own `PipelineConfig`.
 """
 
+from typing import ClassVar, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -48,15 +50,32 @@ class PreviewConfig(_Frozen):
 
 
 class DiffusionConfig(_Frozen):
-    """Knobs of the HunyuanVideo-Avatar backends (`tiny-random`, `hunyuan-avatar`)."""
+    """Knobs of the HunyuanVideo-Avatar backends (`tiny-random`, `hunyuan-avatar`).
+
+    Each field either changes the video (it reaches the pipeline and the cache keys of the stages it feeds, with
+    ``auto`` resolved first) or is listed in ``OPERATIONAL`` (how or where the work runs; never in a key).
+    ``model_version`` names the checkpoint set on disk: it is in every model stage's key but is not a pipeline input.
+    """
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"weights_dir", "group_offload", "step_cache_device", "memory"})
+    IDENTITY: ClassVar[frozenset[str]] = frozenset({"model_version"})
 
     weights_dir: str = Field("weights", description="folder holding ckpts/ in the official layout")
     model_version: str = Field("official-2025-06", description="name of the checkpoint set; part of cache keys")
     steps: int = Field(50, ge=1, le=200)
     guidance_scale: float = Field(7.5, ge=1.0)
-    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = Field("auto", description="DiT compute dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', "
-                                           "'float32'")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="DiT compute dtype: 'auto' (bf16 on GPU, fp32 on CPU)")
     fp8: bool = Field(False, description="use the official fp8 checkpoint (weight-only float8, per-layer scales)")
-    group_offload: bool = Field(False, description="stream DiT blocks from CPU memory (low VRAM, slower)")
+    group_offload: bool = Field(False, description="stream DiT blocks from CPU memory (low VRAM, slower, same output)")
     step_cache: bool = Field(True, description="official last-block cache on 20 of 50 steps")
+    step_cache_device: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where the step cache lives: 'auto' (CPU memory on GPUs), 'cpu', 'device'")
+    attention_backend: Literal["sdpa", "flash"] = Field("sdpa", description="torch SDPA, or flash-attn (GPU extra)")
+    vae_tiling: bool = Field(True, description="official spatial VAE tiling")
+    vae_tile_px: int = Field(256, ge=64, le=1024, multiple_of=32, description="spatial VAE tile (official 256 px)")
+    memory: Literal["resident", "stage-major"] = Field(
+        "resident", description="'resident' keeps every model loaded; 'stage-major' runs all encodes of the "
+                                "manifest, frees the encoders, then all denoises, then all decodes")

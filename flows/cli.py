@@ -37,7 +37,8 @@ def render(
     """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the input is unusable."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.render_manifest import ITEM_DONE, ItemsFailed, render_manifest
+    from common.errors import ConfigurationError
+    from flows.render_manifest import ItemsFailed, render_manifest
     from tasks.config import PipelineConfig
 
     try:
@@ -66,19 +67,18 @@ def render(
             if item.status == "failed":
                 progress.console.print(f"[red]✗ {item.item_id}[/red] {item.error_class}: {item.error_message}")
 
-        token = ITEM_DONE.set(item_done)
-        try:
-            state = flow(manifest_uri=manifest, output_uri=output, backend=cfg.backend, config=cfg, return_state=True)
-        finally:
-            ITEM_DONE.reset(token)
+        state = flow(manifest_uri=manifest, output_uri=output, config=cfg, on_item=item_done, return_state=True)
 
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, ItemsFailed):
         console.print(f"[red]{outcome}[/red]")
         raise typer.Exit(1)
+    if isinstance(outcome, (ManifestError, ConfigurationError)):
+        console.print(f"[red]run refused:[/red] {outcome}")
+        raise typer.Exit(2)
     if isinstance(outcome, BaseException):
         console.print(f"[red]run failed:[/red] {type(outcome).__name__}: {outcome}")
-        raise typer.Exit(2 if isinstance(outcome, ManifestError) else 1)
+        raise typer.Exit(1)
     console.print(f"videos: {outcome['output_uri'].rstrip('/')}/videos/  results: {outcome['results_uri']}")
     typer.echo(json.dumps(outcome, indent=2))
 
@@ -139,6 +139,24 @@ def validate(manifest: Annotated[str, typer.Argument(help="manifest URI")]) -> N
         console.print(f"[red]row {r.row}[/red] {type(r.error).__name__}: {r.error}")
     console.print(f"{len(rows)} rows, {len(bad)} invalid")
     raise typer.Exit(1 if bad else 0)
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="Check the checkpoints of the hunyuan-avatar backend.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("check")
+def weights_check(
+    fp8: Annotated[bool, typer.Option("--fp8", help="check the fp8 transformer and its scale map")] = False,
+    weights_dir: Annotated[Path, typer.Option(help="folder holding ckpts/ (weights/README.md)")] = Path("weights"),
+) -> None:
+    """Presence and sizes of every file of the official layout, transformer keys and shapes by a meta-device load,
+    and the fp8 map's keys; exit 2 if anything is missing or wrong (a render of hunyuan-avatar runs this first)."""
+    from avatar_model.hunyuan.weights_check import check_weights
+
+    report = check_weights(weights_dir, fp8=fp8)
+    typer.echo(report.summary())
+    raise typer.Exit(0 if report.ok else 2)
 
 
 def main() -> None:

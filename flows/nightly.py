@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.render_manifest import render_manifest
+from flows.render_manifest import render_manifest, run_config
 from tasks.config import PipelineConfig
 
 
@@ -25,10 +25,10 @@ def run_day(day: date | None) -> date:
 
 @flow(name="nightly-render")
 def nightly_render(manifest_template: str, output_template: str, day: date | None = None,
-                   backend: str = "preview", config: PipelineConfig | None = None) -> dict:
+                   backend: str | None = None, config: PipelineConfig | None = None) -> dict:
     """Render ``manifest_template.format(date=…)`` into ``output_template.format(date=…)`` as a subflow."""
     logical = run_day(day).isoformat()
-    workers = (config or PipelineConfig()).max_workers
-    render = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    cfg = run_config(config, backend)
+    render = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))
     return render(manifest_uri=manifest_template.format(date=logical),
-                  output_uri=output_template.format(date=logical), backend=backend, config=config)
+                  output_uri=output_template.format(date=logical), config=cfg)

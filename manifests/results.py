@@ -1,16 +1,31 @@
-"""The results table: one row per manifest row, written atomically next to the videos."""
+"""The results table: one row per manifest row, written atomically next to the videos.
+
+`fold_item` is the whole bookkeeping of one item: it turns the outcome of each stage into the item's row. It is
+pure, so it is tested without Prefect; the flow only gathers the outcomes.
+"""
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 import pandas as pd
 
-from avatar_model import storage
+from common import storage
 
-STAGES = ("resolve", "prepare_portrait", "prepare_audio", "generate", "decode", "mux", "publish")
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """How one stage of one item ended. ``ref`` is its reference (a dict) when it completed or was cached."""
+
+    status: Literal["completed", "cached", "failed", "not_run"]
+    ref: Mapping[str, Any] | None = None
+    seconds: float = 0.0
+    attempts: int = 0
+    error_class: str | None = None
+    error_message: str | None = None
 
 
 @dataclass
@@ -33,29 +48,76 @@ class ItemResult:
     attempts: int = 0
     cache_hits: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cached: dict[str, bool] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def record(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("stage_seconds", "extra")}
-        for stage in STAGES:
+    def record(self, stages: Sequence[str]) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("stage_seconds", "stage_cached", "extra")}
+        out["seconds_resolve"] = self.stage_seconds.get("resolve")
+        for stage in stages:
             out[f"seconds_{stage}"] = self.stage_seconds.get(stage)
+        for stage in stages:
+            out[f"cached_{stage}"] = self.stage_cached.get(stage)
         for key, value in self.extra.items():
             out[key if key not in out else f"manifest_{key}"] = value
         return out
 
 
-RESULT_COLUMNS = tuple(ItemResult(0, "", "", "").record())
+def failed(result: ItemResult, stage: str, error_class: str, message: str, attempts: int = 1) -> ItemResult:
+    return replace(result, status="failed", failed_stage=stage, error_class=error_class, error_message=message,
+                   attempts=max(result.attempts, attempts))
 
 
-def results_frame(results: list[ItemResult]) -> pd.DataFrame:
+def fold_item(result: ItemResult, outcomes: Mapping[str, StageOutcome]) -> ItemResult:
+    """An item's row from its stages' outcomes (in graph order): the first failed stage names the error.
+
+    Cached stages count as hits with zero seconds. The deliverable's columns come from the ``publish`` and
+    ``mux`` references.
+    """
+    seconds, cached = dict(result.stage_seconds), dict(result.stage_cached)
+    attempts, hits, refs = result.attempts, result.cache_hits, {}
+    for stage, outcome in outcomes.items():
+        if outcome.status == "failed":
+            return failed(replace(result, stage_seconds=seconds, stage_cached=cached, cache_hits=hits), stage,
+                          outcome.error_class or "Failed", outcome.error_message or "", max(attempts, outcome.attempts))
+        if outcome.status == "not_run":
+            continue
+        hit = outcome.status == "cached" or bool(outcome.ref and outcome.ref.get("skipped"))
+        seconds[stage], cached[stage] = (0.0 if outcome.status == "cached" else outcome.seconds), hit
+        hits += int(hit)
+        attempts = max(attempts, outcome.attempts)
+        refs[stage] = outcome.ref
+    published, muxed = refs.get("publish"), refs.get("mux")
+    if published is None or muxed is None:
+        return failed(result, "publish", "NotFinished", "the item's stages did not all run", attempts)
+    return replace(result, stage_seconds=seconds, stage_cached=cached, cache_hits=hits, attempts=attempts,
+                   output_uri=published["output_uri"], sidecar_uri=published["sidecar_uri"], sha256=muxed["sha256"],
+                   frame_count=muxed["n_frames"], video_seconds=muxed["video_seconds"],
+                   audio_seconds=muxed["audio_seconds"])
+
+
+def already_published(result: ItemResult, sidecar: Mapping[str, Any], sidecar_uri: str,
+                      stages: Sequence[str]) -> ItemResult:
+    """An item whose output already carries its render key: every stage is a cache hit."""
+    return replace(result, cache_hits=result.cache_hits + len(stages),
+                   stage_seconds={**result.stage_seconds, **dict.fromkeys(stages, 0.0)},
+                   stage_cached={**result.stage_cached, **dict.fromkeys(stages, True)},
+                   output_uri=sidecar["video_uri"], sidecar_uri=sidecar_uri, sha256=sidecar["sha256"],
+                   frame_count=sidecar["frame_count"], video_seconds=sidecar["video_seconds"],
+                   audio_seconds=sidecar["audio_seconds"])
+
+
+def results_frame(results: Sequence[ItemResult], stages: Sequence[str]) -> pd.DataFrame:
+    """One row per item, ordered by manifest row; ``seconds_<stage>`` and ``cached_<stage>`` for ``stages``
+    (``seconds_resolve`` always)."""
     if not results:
-        return pd.DataFrame(columns=list(RESULT_COLUMNS))
-    return pd.DataFrame([r.record() for r in sorted(results, key=lambda r: r.row)])
+        return pd.DataFrame(columns=list(ItemResult(0, "", "", "").record(stages)))
+    return pd.DataFrame([r.record(stages) for r in sorted(results, key=lambda r: r.row)])
 
 
-def write_results(results: list[ItemResult], uri: str) -> pd.DataFrame:
+def write_results(results: Sequence[ItemResult], uri: str, stages: Sequence[str]) -> pd.DataFrame:
     """Write ``results.parquet`` to ``uri`` (whole or not at all) and return the frame."""
-    frame = results_frame(results)
+    frame = results_frame(results, stages)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.publish_bytes(buffer.getvalue(), uri)

@@ -24,8 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from avatar_model import storage
-from avatar_model.errors import AvatarError, DuplicateItemId, InvalidParameter
+from common import storage
+from common.ids import check_item_id
+from common.errors import AvatarError, DuplicateItemId, InvalidParameter
 
 REQUIRED_COLUMNS = MappingProxyType({"item_id": "string", "portrait_uri": "string", "audio_uri": "string"})
 OPTIONAL_COLUMNS = MappingProxyType({"prompt": "string", "seed": "integer", "short_side": "integer", "crf": "integer"})
@@ -118,7 +119,7 @@ def _validate_row(index: int, record: dict[str, Any], base_dir: str, seen: dict[
         "extra": extra,
     }
     try:
-        item_id = storage.check_item_id(raw_id)
+        item_id = check_item_id(raw_id)
         if item_id in seen:
             raise DuplicateItemId(f"item_id {item_id!r} repeats row {seen[item_id]}; ids must be unique")
         seen[item_id] = index

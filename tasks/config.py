@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from avatar_model.backends import BACKENDS
 from avatar_model.config import AudioConfig, DiffusionConfig, PreviewConfig, VideoConfig
 
 
@@ -26,9 +25,11 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: str = Field("preview", description=f"renderer: one of {BACKENDS}")
+    backend: str = Field("preview", description="renderer: preview | tiny-random | hunyuan-avatar")
     cache_uri: str | None = Field(None, description="where stage artifacts are cached; default <output>/.cache")
     max_workers: int = Field(4, ge=1, le=64, description="concurrent stage tasks in one flow run")
+    gpu_slot: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+                                 description="concurrency tag of this worker's GPU; default gpu-<host>-<device>")
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
     preview: PreviewConfig = PreviewConfig()
@@ -36,5 +37,7 @@ class PipelineConfig(BaseModel):
     retry: RetryConfig = RetryConfig()
 
     def model_post_init(self, __context: object) -> None:
+        from .graph import BACKENDS
+
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")

@@ -1,102 +1,121 @@
-"""Prefect tasks: caching, retries and logging around the plain stage functions in `tasks.stages`.
+"""Prefect tasks: one per stage of a graph, all made from the table, each a thin wrapper around its pure function.
 
-Every task takes the row's ``item_id`` so that its run is named after the item in the Prefect UI; ids never enter
-cache keys (the same content under two ids is one cache entry).
-
-Each task returns a small reference dict, never frames or tensors. Cache keys come from the same content-key
-functions the stages use, and cache records persist in result storage under the run's cache prefix, so a
-stage whose entry exists is skipped across flow runs (Prefect's default policy only caches inside one run).
+A stage task receives its key (computed once by `resolve`), its upstream references (futures, which Prefect
+resolves first) and the item's job. Cached stages persist their reference as a Prefect cache record under
+``<cache>/records/<key>``; before a record is reused, its artifact is read back and checked against the
+reference's sha256, and a missing or damaged one drops the record so the stage runs again. gpu stages carry the
+machine's GPU slot tag (see `tasks.gpu`). Task and UI names are the stage names, runs are named after the item.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.runtime import task_run
+from pydantic import BaseModel
 
-from avatar_model.config import AudioConfig, VideoConfig
-from avatar_model.errors import is_permanent
+from common import storage
+from common.errors import is_permanent
 
-from . import stages
 from .config import PipelineConfig
+from .graph import GRAPHS, Graph, Item, StageCall
+from .models import process_models
+from .refs import Resolved
+from .stages import artifacts, delivery
+from .storage import result_storage_for
+
+
+@dataclass(frozen=True)
+class Job:
+    """One item of one run, as every stage task of the item receives it."""
+
+    item: Item
+    cfg: PipelineConfig
+    resolved: Resolved
+    cache_uri: str
+    output_uri: str
+
+
+class StageFailed(Exception):
+    """How a stage task fails: the original error's class and message, the attempt that raised it, and whether a
+    retry could help. Typed, so the results table needs no side channel to learn the attempt count."""
+
+    def __init__(self, error_class: str, message: str, attempt: int, permanent: bool):
+        super().__init__(error_class, message, attempt, permanent)  # args rebuild it when unpickled
+        self.error_class, self.message, self.attempt, self.permanent = error_class, message, attempt, permanent
+
+    def __str__(self) -> str:
+        return f"{self.error_class}: {self.message}"
 
 
 def _is_retryable(task_obj: Any, run: Any, state: Any) -> bool:
     """Retry transient faults only; bad input (permanent errors) fails the item at once."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and not is_permanent(exc)
+    return isinstance(exc, StageFailed) and not exc.permanent
 
 
-def _timed(fn: Callable[..., dict], *args: Any) -> dict:
-    """Run a stage, adding its wall seconds and attempt number to the reference; tag failures likewise."""
+def _guarded(fn: Callable[..., BaseModel], *args: Any) -> BaseModel:
+    """Run a stage: its reference gains the run's seconds and attempt; its failure becomes a `StageFailed`."""
     started = time.perf_counter()
     try:
         ref = fn(*args)
     except Exception as exc:
-        exc.attempts = task_run.run_count  # type: ignore[attr-defined]
-        raise
-    return {**ref, "seconds": time.perf_counter() - started, "attempts": task_run.run_count}
+        raise StageFailed(type(exc).__name__, str(exc), task_run.run_count, is_permanent(exc)) from exc
+    return ref.model_copy(update={"seconds": time.perf_counter() - started, "attempts": task_run.run_count})
 
 
-_CACHED = MappingProxyType({"retry_condition_fn": _is_retryable, "persist_result": True})
+def run_stage(stage: str, item_id: str, key: str, inputs: dict[str, BaseModel], job: Job) -> BaseModel:
+    """The body of every stage task: the stage's pure function, timed."""
+    spec = GRAPHS[job.cfg.backend].stage(stage)
+    call = StageCall(stage=stage, key=key, item=job.item, cfg=job.cfg, resolved=job.resolved, inputs=inputs,
+                     cache_uri=job.cache_uri, output_uri=job.output_uri,
+                     models=process_models() if spec.models else None)
+    return _guarded(spec.run, call)
 
 
-@task(name="resolve", task_run_name="resolve-{item_id}", retry_condition_fn=_is_retryable)
-def resolve_item(item_id: str, portrait_uri: str, audio_uri: str, seed: int, prompt: str | None, cfg: PipelineConfig,
-                 output_uri: str) -> dict:
-    """Hash the inputs (bytes, not URIs), derive the render key, find an output already published with it.
-
-    Not cached: a changed input under the same name must be seen on every run.
-    """
-    return _timed(stages.resolve, item_id, portrait_uri, audio_uri, seed, prompt, cfg, output_uri)
+def resolve_item(item_id: str, item: Item, cfg: PipelineConfig, output_uri: str) -> Resolved:
+    """Hash the inputs and derive every key. Not cached: a changed input under the same name must be seen."""
+    return _guarded(delivery.resolve, item, cfg, GRAPHS[cfg.backend], output_uri)
 
 
-@task(name="prepare-portrait", task_run_name="prepare-portrait-{item_id}", **_CACHED,
-      cache_key_fn=lambda ctx, p: stages.portrait_key(p["portrait_sha256"], p["short_side"]))
-def prepare_portrait(portrait_uri: str, portrait_sha256: str, short_side: int, cache_uri: str, item_id: str) -> dict:
-    return _timed(stages.prepare_portrait, portrait_uri, portrait_sha256, short_side, cache_uri, item_id)
+def verified_cache_key(cache_uri: str):
+    """The stage's own key, after making sure a record stored under it still points at an intact artifact."""
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        key, store = parameters["key"], context.result_store
+        if store.exists(key):
+            ref = store.read(key).result
+            if not artifacts.intact(ref):
+                artifacts.forget(cache_uri, ref)
+        return key
+
+    return cache_key
 
 
-@task(name="prepare-audio", task_run_name="prepare-audio-{item_id}", **_CACHED,
-      cache_key_fn=lambda ctx, p: stages.audio_key(p["audio_sha256"], p["audio"], p["sample_rate"]))
-def prepare_audio(audio_uri: str, audio_sha256: str, audio: AudioConfig, sample_rate: int, cache_uri: str,
-                  item_id: str) -> dict:
-    return _timed(stages.prepare_audio, audio_uri, audio_sha256, audio, sample_rate, cache_uri, item_id)
+def _retry_options(cfg: PipelineConfig) -> dict[str, Any]:
+    retry = cfg.retry
+    return {"retries": retry.retries, "retry_delay_seconds": retry.delays(), "retry_jitter_factor": retry.jitter_factor,
+            "retry_condition_fn": _is_retryable}
 
 
-def _generate_key(ctx: Any, p: dict) -> str:
-    params = stages.renderer_for(p["cfg"]).output_params(p["prompt"])
-    return stages.generate_key(p["portrait"]["key"], p["audio"]["key"], p["seed"], p["cfg"].video.fps, params)
+def resolve_task(cfg: PipelineConfig) -> Task:
+    return task(resolve_item, name="resolve", task_run_name="resolve-{item_id}", **_retry_options(cfg))
 
 
-@task(name="generate", task_run_name="generate-{item_id}", cache_key_fn=_generate_key, **_CACHED)
-def generate(portrait: dict, audio: dict, seed: int, prompt: str | None, cfg: PipelineConfig, cache_uri: str,
-             item_id: str) -> dict:
-    """Backend-specific motion or latents; on a GPU backend this is the expensive stage."""
-    return _timed(stages.generate, portrait, audio, seed, prompt, cfg, cache_uri)
-
-
-def _decode_key(ctx: Any, p: dict) -> str:
-    params = stages.renderer_for(p["cfg"]).output_params(p["prompt"])
-    return stages.decode_key(p["portrait"]["key"], p["motion"]["key"], params, p["cfg"].video)
-
-
-@task(name="decode", task_run_name="decode-{item_id}", cache_key_fn=_decode_key, **_CACHED)
-def decode(portrait: dict, motion: dict, prompt: str | None, cfg: PipelineConfig, cache_uri: str, item_id: str) -> dict:
-    return _timed(stages.decode, portrait, motion, prompt, cfg, cache_uri)
-
-
-@task(name="mux", task_run_name="mux-{item_id}", **_CACHED,
-      cache_key_fn=lambda ctx, p: stages.mux_key(p["video_ref"]["key"], p["audio"]["key"], p["video"]))
-def mux(video_ref: dict, audio: dict, video: VideoConfig, cache_uri: str, item_id: str) -> dict:
-    return _timed(stages.mux, video_ref, audio, video, cache_uri)
-
-
-@task(name="publish", task_run_name="publish-{item_id}", retry_condition_fn=_is_retryable)
-def publish(item_id: str, muxed: dict, provenance: dict, output_uri: str) -> dict:
-    """Not cached: it must look at the output location every run (it is idempotent instead)."""
-    return _timed(stages.publish, item_id, muxed, provenance, output_uri)
+def stage_tasks(graph: Graph, cfg: PipelineConfig, cache_uri: str, gpu_slot: str | None) -> dict[str, Task]:
+    """One Prefect task per stage of ``graph``, configured for this run."""
+    records = result_storage_for(storage.join(cache_uri, artifacts.RECORDS))
+    tasks = {}
+    for stage in graph:
+        name = stage.name.replace("_", "-")
+        options: dict[str, Any] = {"name": name, "task_run_name": f"{name}-{{item_id}}", **_retry_options(cfg)}
+        if stage.resource == "gpu" and gpu_slot:
+            options["tags"] = [gpu_slot]
+        if stage.cached:
+            options.update(persist_result=True, result_storage=records, cache_key_fn=verified_cache_key(cache_uri))
+        tasks[stage.name] = task(run_stage, **options)
+    return tasks

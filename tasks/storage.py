@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect.filesystems import RemoteFileSystem
 
-from avatar_model import storage
+from common import storage
 
 
 def result_storage_for(uri: str) -> Path | RemoteFileSystem:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from ..errors import FaceNotFound
+from common.errors import FaceNotFound
 
 logger = logging.getLogger(__name__)
 

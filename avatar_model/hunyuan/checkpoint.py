@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avatar_model.errors import AvatarError
+from common.errors import AvatarError
 from avatar_model.hunyuan.config import AvatarTransformerConfig
 from avatar_model.hunyuan.fp8 import FP8_DTYPE, FP8Linear, convert_linears_to_fp8
 from avatar_model.hunyuan.transformer import AvatarTransformer3DModel
@@ -261,6 +261,28 @@ def load_official_state_dict(
     return report
 
 
+def build_meta_transformer(config: AvatarTransformerConfig, *, fp8: bool = False) -> AvatarTransformer3DModel:
+    """The model on the meta device (no memory), its block linears converted to `FP8Linear` when `fp8`: what a
+    checkpoint is assigned into, and what a pre-flight check compares a checkpoint's keys against."""
+    with torch.device("meta"):
+        model = AvatarTransformer3DModel(config)
+    if fp8:
+        convert_linears_to_fp8(model, model._fp8_module_prefixes)
+    return model
+
+
+def read_official_payload(
+    path: Path, load_key: str = "module", *, mmap_only: bool = False
+) -> Mapping[str, torch.Tensor]:
+    """The `load_key` entry of an official checkpoint, memory-mapped (only the pickled metadata is read).
+    `mmap_only` refuses the full in-RAM load of legacy (non-zip) files, so a check never reads tens of GB."""
+    payload = _torch_load(path, mmap_only)
+    if not isinstance(payload, Mapping) or load_key not in payload:
+        keys = list(payload)[:10] if isinstance(payload, Mapping) else type(payload).__name__
+        raise CheckpointError(f"{path} has no {load_key!r} entry (top level: {keys})")
+    return payload[load_key]
+
+
 def load_transformer(
     path: str | Path,
     config: AvatarTransformerConfig | None = None,
@@ -275,17 +297,14 @@ def load_transformer(
     variant and needs its scale map (default: `<name>_map.pt` next to it, e.g. `..._fp8.pt` -> `..._fp8_map.pt`)."""
     config = config or AvatarTransformerConfig.released()
     path = _resolve_checkpoint(Path(path))
-    official = _read_payload(path, load_key)
+    official = read_official_payload(path, load_key)
     fp8_scales = None
     if any(t.dtype == FP8_DTYPE for t in official.values()):
         map_path = Path(fp8_map_path) if fp8_map_path else path.with_name(path.stem + "_map.pt")
         if not map_path.is_file():
             raise CheckpointError(f"{path} holds fp8 weights but its scale map {map_path} does not exist")
-        fp8_scales = _read_payload(map_path, load_key)
-    with torch.device("meta"):
-        model = AvatarTransformer3DModel(config)
-    if fp8_scales is not None:
-        convert_linears_to_fp8(model, model._fp8_module_prefixes)
+        fp8_scales = read_official_payload(map_path, load_key)
+    model = build_meta_transformer(config, fp8=fp8_scales is not None)
     report = load_official_state_dict(model, official, fp8_scales=fp8_scales, dtype=dtype, allow_missing=allow_missing)
     logger.info(
         "loaded %s (%s, %d missing, %d unused keys)",
@@ -316,22 +335,14 @@ def _resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def _read_payload(path: Path, load_key: str) -> Mapping[str, torch.Tensor]:
-    payload = _torch_load(path)
-    if not isinstance(payload, Mapping) or load_key not in payload:
-        keys = list(payload)[:10] if isinstance(payload, Mapping) else type(payload).__name__
-        raise CheckpointError(f"{path} has no {load_key!r} entry (top level: {keys})")
-    return payload[load_key]
-
-
-def _torch_load(path: Path):
-    """Memory-mapped, weights-only load; falls back to a plain load for legacy (non-zip) files."""
+def _torch_load(path: Path, mmap_only: bool = False):
+    """Memory-mapped, weights-only load; falls back to a plain load for legacy (non-zip) files unless `mmap_only`."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path} holds objects other than tensors and cannot be loaded safely: {exc}") from exc
     except RuntimeError as exc:
-        if "mmap" not in str(exc):
+        if "mmap" not in str(exc) or mmap_only:
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
         logger.warning("%s is not in zip format and cannot be memory-mapped; loading it fully into RAM", path)
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avatar_model.errors import FaceNotFound
+from common.errors import FaceNotFound
 
 INPUT_SHORT_SIDE = 416
 STRIDES = (8, 16, 32)

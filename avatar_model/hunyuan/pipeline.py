@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import WhisperFeatureExtractor, WhisperModel
 
-from avatar_model.errors import InvalidParameter
+from common.errors import InvalidParameter
 from avatar_model.hunyuan import prompts
 from avatar_model.hunyuan.audio_features import audio_frame_count, audio_windows, encode_whisper, samples_per_frame
 from avatar_model.hunyuan.audio_features import whisper_input_features

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 
 from ..config import AudioConfig
-from ..errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
+from common.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import UndecodableImage
+from common.errors import UndecodableImage
 
 # Pillow raises these for truncated, unknown or hostile files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from ..config import VideoConfig
-from ..errors import EncoderError, TransientError
+from common.errors import EncoderError, TransientError
 from .audio import ffmpeg_executable, stderr_tail
 
 logger = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pandas as pd
@@ -53,3 +54,31 @@ def test_bad_configuration_exits_2_naming_the_problem(tmp_path, demo_dir, cli):
                 "--backend", "sora"], {})
     assert done.returncode == 2 and "unknown backend 'sora'" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _task_run_count(api_url: str) -> int:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api_url) as client:
+        return client.count_task_runs()
+
+
+def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_dir, prefect_server, cli):
+    weights = tmp_path / "weights"
+    checked = cli(["weights", "check", "--weights-dir", str(weights)], {})
+    assert checked.returncode == 2
+    assert "mp_rank_00_model_states.pt" in checked.stdout and "detface.pt" in checked.stdout
+
+    before = _task_run_count(prefect_server["PREFECT_API_URL"])
+    cases = {"weights": {"backend": "hunyuan-avatar", "diffusion": {"weights_dir": str(weights)}},
+             "25 fps": {"backend": "hunyuan-avatar", "video": {"fps": 30}}}
+    for expected, settings in cases.items():
+        config = tmp_path / "cfg.json"
+        config.write_text(json.dumps(settings))
+        done = cli(["render", str(demo_dir.parent / "demo.parquet"), "--output", str(tmp_path / "out"),
+                    "--config", str(config)], prefect_server)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "run refused" in done.stderr and expected in done.stderr
+        assert "Traceback" not in done.stderr.split("run refused")[1]
+    assert not (tmp_path / "out").exists()
+    assert _task_run_count(prefect_server["PREFECT_API_URL"]) == before, "no task ran"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from avatar_model.config import AudioConfig
-from avatar_model.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
+from common.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 from avatar_model.media.audio import check_speech, decode_audio, ffmpeg_executable, read_wav, write_wav
 
 SR = 16000

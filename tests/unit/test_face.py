@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from avatar_model.errors import FaceNotFound
+from common.errors import FaceNotFound
 from avatar_model.face.detector import FaceBox, detect_face, estimate_landmarks
 from avatar_model.media.image import load_image
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avatar_model.errors import UndecodableImage
+from common.errors import UndecodableImage
 from avatar_model.media.image import bucket_size, load_image, resize_to_bucket
 
 

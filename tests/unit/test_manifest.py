@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from avatar_model.errors import DuplicateItemId, InvalidItemId, InvalidParameter
+from common.errors import DuplicateItemId, InvalidItemId, InvalidParameter
 from manifests import ItemResult, ManifestError, load_manifest, write_results
 from manifests.folder import manifest_for_folder
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from avatar_model.config import VideoConfig
-from avatar_model.errors import EncoderError, TransientError
+from common.errors import EncoderError, TransientError
 from avatar_model.media.audio import write_wav
 from avatar_model.media.video import VideoEncoder, frame_count, mux_audio, probe
 

@@ -19,12 +19,14 @@ from diffusers import AutoencoderKLHunyuanVideo
 
 from avatar_model.hunyuan.checkpoint import (
     CheckpointError,
+    build_meta_transformer,
     export_official_fp8_map,
     export_official_state_dict,
     load_official_state_dict,
     load_transformer,
     load_vae_state_dict,
     official_key_rules,
+    read_official_payload,
 )
 from avatar_model.hunyuan.config import AvatarTransformerConfig
 from avatar_model.hunyuan.fp8 import FP8_DTYPE, FP8_MAX, FP8Linear
@@ -283,6 +285,14 @@ def test_missing_payload_key_is_explained(tmp_path):
         load_transformer(path, AvatarTransformerConfig.tiny())
 
 
+def test_legacy_file_is_refused_when_only_mmap_is_allowed(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"module": {"a": torch.ones(2)}}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_official_payload(path, mmap_only=True)
+    assert torch.equal(read_official_payload(path)["a"], torch.ones(2))  # loaders fall back to a full load
+
+
 # ----------------------------------------------------------------------------------------------- fp8
 
 
@@ -298,6 +308,15 @@ def _fp8_checkpoint(tmp_path: Path, config: AvatarTransformerConfig):
     path = _save_official(tmp_path / "mp_rank_00_model_states_fp8.pt", official)
     torch.save({"module": scales}, tmp_path / "mp_rank_00_model_states_fp8_map.pt")
     return path, official, scales
+
+
+def test_fp8_model_converts_exactly_the_fp8_rules():
+    """The linears `convert_linears_to_fp8` replaces are the ones the key table marks fp8 (what the map must cover)."""
+    config = AvatarTransformerConfig.released()
+    exported = export_official_state_dict(build_meta_transformer(config, fp8=True))
+    fp8_weights = {key for key, tensor in exported.items() if tensor.dtype == FP8_DTYPE}
+    assert fp8_weights == {f"{rule.official}.weight" for rule in official_key_rules(config) if rule.fp8}
+    assert len(fp8_weights) == 20 * 2 * 5 + 40 * 3  # every linear of the 20 double and 40 single blocks
 
 
 def test_fp8_checkpoint_dequantises_to_weight_times_scale(tmp_path):

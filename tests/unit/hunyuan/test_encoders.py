@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-from avatar_model.errors import FaceNotFound
+from common.errors import FaceNotFound
 from avatar_model.hunyuan import prompts
 from avatar_model.hunyuan.audio_features import (
     audio_frame_count,

@@ -52,6 +52,14 @@ class InvalidParameter(InputError):
     pass
 
 
+class ConfigurationError(AvatarError):
+    """The run's settings or environment cannot work (unknown backend, a wrong fps, missing weights): nothing runs."""
+
+
+class ResourceExhausted(AvatarError):
+    """The device ran out of memory in every lower-memory mode of the ladder; the message names the modes tried."""
+
+
 class TransientError(AvatarError):
     """Worth retrying: storage hiccups, timeouts, a lost worker."""
 
@@ -62,6 +70,10 @@ class EncoderError(AvatarError):
     """ffmpeg refused or crashed while encoding frames we produced: a bug or a broken install, not bad input."""
 
     permanent = False
+
+
+class StaleArtifact(TransientError):
+    """A cached artifact is missing or fails its checksum; its record is dropped so the stage is computed again."""
 
 
 def is_permanent(exc: BaseException) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -19,10 +18,9 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import InvalidItemId, ObjectNotFound, TransientError
+from .errors import ObjectNotFound, TransientError
 
 _CHUNK = 1 << 20
-ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -41,18 +39,6 @@ def join(base: str, *parts: str) -> str:
 
 def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
-
-
-def check_item_id(item_id: object) -> str:
-    """Return ``item_id`` if it is safe to use as a file name / object key, else raise `InvalidItemId`.
-
-    Allowed: letters, digits, ``.``, ``_``, ``-``; 1–128 characters; not ``.`` or ``..``.
-    """
-    if not isinstance(item_id, str) or not ITEM_ID_PATTERN.fullmatch(item_id) or set(item_id) == {"."}:
-        raise InvalidItemId(
-            f"item_id {item_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-' (no path separators)"
-        )
-    return item_id
 
 
 def _reraise_storage(uri: str, exc: BaseException) -> None:
@@ -155,3 +141,15 @@ def publish_bytes(data: bytes, uri: str) -> None:
         publish_file(tmp.name, uri)
     finally:
         os.unlink(tmp.name)
+
+
+def remove(uri: str) -> None:
+    """Delete the object at ``uri`` if it exists (idempotent)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        _reraise_storage(uri, exc)
+        raise

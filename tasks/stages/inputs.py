@@ -1,0 +1,69 @@
+"""The input stages every backend shares: the bucketed portrait and the delivery-rate speech."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from avatar_model.face.detector import FaceBox, detect_face
+from avatar_model.media.audio import check_speech, decode_audio, write_wav
+from avatar_model.media.image import load_image, resize_to_bucket
+from avatar_model.media.video import frame_count
+from common import storage
+from common.errors import TransientError
+
+from ..refs import AudioRef, PortraitRef
+from . import artifacts
+
+
+def read_input(uri: str, sha256: str) -> bytes:
+    """The input's bytes, which must still be the bytes `resolve` hashed into the item's keys."""
+    data = storage.read_bytes(uri)
+    if storage.sha256_bytes(data) != sha256:
+        raise TransientError(f"{uri} changed while the run was reading it")
+    return data
+
+
+def bucketed_portrait(call, locate: Callable[[np.ndarray], FaceBox]) -> PortraitRef:
+    """Decode and bucket the portrait, find its face with ``locate``, and cache the bucketed PNG."""
+    item = call.item
+    data = read_input(item.portrait_uri, call.resolved.portrait_sha256)
+    image = resize_to_bucket(load_image(data, name=item.portrait_uri), call.cfg.video.short_side)
+    face = locate(image)
+    with tempfile.TemporaryDirectory(prefix="avatar-portrait-") as tmp:
+        local = Path(tmp) / "portrait.png"
+        Image.fromarray(image).save(local)
+        uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
+    height, width = image.shape[:2]
+    return PortraitRef(key=call.key, uri=uri, sha256=sha256, width=width, height=height, face=face.to_dict())
+
+
+def prepare_portrait(call) -> PortraitRef:
+    """Preview: the bundled Haar detector decides `FaceNotFound`."""
+    return bucketed_portrait(call, lambda image: detect_face(image, name=call.item.portrait_uri))
+
+
+def prepare_audio(call) -> AudioRef:
+    """Decode any format ffmpeg reads to mono PCM at the delivery rate; reject empty/silent/over-long audio."""
+    item, cfg = call.item, call.cfg
+    rate = cfg.video.audio_sample_rate
+    with tempfile.TemporaryDirectory(prefix="avatar-audio-") as tmp:
+        source = Path(tmp) / f"source{Path(item.audio_uri).suffix}"
+        source.write_bytes(read_input(item.audio_uri, call.resolved.audio_sha256))
+        samples = decode_audio(source, rate, name=item.audio_uri, timeout_s=cfg.audio.decode_timeout_s)
+        duration = check_speech(samples, rate, cfg.audio, name=item.audio_uri)
+        local = Path(tmp) / "audio.wav"
+        write_wav(local, samples, rate)
+        uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
+    return AudioRef(key=call.key, uri=uri, sha256=sha256, duration_s=duration, sample_rate=rate,
+                    n_frames=frame_count(duration, cfg.video.fps))
+
+
+def load_portrait(call, ref: PortraitRef) -> np.ndarray:
+    """The cached bucketed portrait as a writable RGB array (torch refuses read-only buffers)."""
+    with artifacts.fetch(ref, call.cache_uri, ".png") as path:
+        return np.array(Image.open(path).convert("RGB"))
