@@ -6,7 +6,7 @@
    plain loop, 20 items, both from cold caches; target ≤ 3 % of wall time
 2. rerun of a finished manifest against the first run; target ≤ 10 %
 3. peak RSS of one item with 60 s of audio against 5 s; target ≤ 1.2×
-4. preview real-time factor at 512 px (audio seconds per second of generate + decode); target ≥ 10×
+4. preview real-time factor at 512 px (audio seconds per second of motion + render); target ≥ 10×
 
 The flow runs against a real `prefect server` started here (as in production), not the ephemeral one.
 """
@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "manifests" / "demo"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "system"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _speech(seconds: float, path: Path) -> Path:
@@ -50,23 +51,10 @@ def _speech(seconds: float, path: Path) -> Path:
 
 def _plain_loop(manifest: str, output: str) -> float:
     """The same stage functions, no Prefect: the floor the flow is compared with."""
-    from manifests import load_manifest
-    from tasks import stages
+    from plain_loop import run_plain
     from tasks.config import PipelineConfig
 
-    cfg = PipelineConfig()
-    cache = f"{output}/.cache"
-    started = time.perf_counter()
-    for row in load_manifest(manifest):
-        p = stages.prepare_portrait(row.portrait_uri, stages.fingerprint(row.portrait_uri), cfg.video.short_side,
-                                    cache, row.item_id)
-        a = stages.prepare_audio(row.audio_uri, stages.fingerprint(row.audio_uri), cfg.audio,
-                                 cfg.video.audio_sample_rate, cache, row.item_id)
-        g = stages.generate(p, a, row.seed, row.prompt, cfg, cache)
-        d = stages.decode(p, g, row.prompt, cfg, cache)
-        m = stages.mux(d, a, cfg.video, cache)
-        stages.publish(row.item_id, m, {"row": row.row}, output)
-    return time.perf_counter() - started
+    return run_plain(manifest, output, PipelineConfig())[0]
 
 
 def _tree_cpu_seconds(pid: int) -> float:
@@ -94,29 +82,27 @@ def _flow(manifest: str, output: str, workers: int) -> float:
 
 
 _ONE_ITEM = """
-import sys, time
+import sys
 sys.path.insert(0, {repo!r})
-from tasks import stages
+sys.path.insert(0, {bench!r})
+import pandas as pd
+from avatar_model.media.audio import read_wav
+from plain_loop import run_plain
 from tasks.config import PipelineConfig
-cfg, cache = PipelineConfig(), {cache!r}
-portrait, audio = {portrait!r}, {audio!r}
-p = stages.prepare_portrait(portrait, stages.fingerprint(portrait), cfg.video.short_side, cache, "bench")
-a = stages.prepare_audio(audio, stages.fingerprint(audio), cfg.audio, cfg.video.audio_sample_rate, cache, "bench")
-t = time.perf_counter()
-g = stages.generate(p, a, 0, None, cfg, cache)
-d = stages.decode(p, g, None, cfg, cache)
-render_s = time.perf_counter() - t
-stages.mux(d, a, cfg.video, cache)
+pd.DataFrame({{"item_id": ["bench"], "portrait_uri": [{portrait!r}], "audio_uri": [{audio!r}]}}).to_parquet({manifest!r})
+_, seconds = run_plain({manifest!r}, {output!r}, PipelineConfig())
+samples, rate = read_wav({audio!r})
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(peak * 1024, render_s, a["duration_s"])
+print(peak * 1024, seconds["motion"] + seconds["render"], len(samples) / rate)
 """
 
 
 def _one_item(audio: Path, tmp: Path) -> tuple[int, float, float]:
-    """Peak RSS (bytes), generate+decode seconds and audio seconds of one item, in a fresh process."""
-    code = _ONE_ITEM.format(repo=str(REPO), cache=str(tmp / f"cache-{audio.stem}"),
-                            portrait=str(DEMO / "astronaut.png"), audio=str(audio))
+    """Peak RSS (bytes), motion+render seconds and audio seconds of one item, in a fresh process."""
+    code = _ONE_ITEM.format(repo=str(REPO), bench=str(REPO / "benchmarks"), output=str(tmp / f"out-{audio.stem}"),
+                            manifest=str(tmp / f"{audio.stem}.parquet"), portrait=str(DEMO / "astronaut.png"),
+                            audio=str(audio))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     rss, seconds, duration = out.stdout.split()[-3:]
     return int(rss), float(seconds), float(duration)

@@ -114,8 +114,7 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
         if is_local(uri):
             dest = Path(path)
             staging = dest.parent / PARTIAL_DIR
-            staging.mkdir(parents=True, exist_ok=True)
-            tmp = staging / f"{dest.name}.{uuid.uuid4().hex}"
+            tmp = _staging_file(staging, dest.name)
             try:
                 with open(local_path, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
@@ -131,6 +130,20 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
     except Exception as exc:  # noqa: BLE001
         _reraise_storage(uri, exc)
         raise
+
+
+def _staging_file(staging: Path, name: str) -> Path:
+    """Create an empty private file in the staging folder, re-creating the folder if another writer just
+    removed it (writers remove it when they leave it empty)."""
+    for _ in range(10):
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / f"{name}.{uuid.uuid4().hex}"
+        try:
+            tmp.touch(exist_ok=False)
+            return tmp
+        except FileNotFoundError:
+            continue
+    raise TransientError(f"{staging}: could not create a staging file")
 
 
 def publish_bytes(data: bytes, uri: str) -> None:

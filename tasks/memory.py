@@ -84,8 +84,9 @@ def with_memory_ladder(call: StageCall, models: tuple[str, ...], attempt: Callab
     """``attempt(cfg, mode)`` in the default mode, then once per lower-memory mode while it runs out of memory."""
     tried: list[str] = []
     for name, cfg, release_others in modes_for(call.stage, call.cfg):
-        if release_others:
-            call.models.release(*(set(call.models.loaded()) - set(models)))
+        others = set(call.models.loaded()) - set(models) if release_others else set()
+        if others:
+            call.models.release(*others)
         try:
             return attempt(cfg, name)
         except Exception as exc:

@@ -1,1 +1,2 @@
-"""Face detection and the landmarks the preview warp needs."""
+"""Faces: the Haar detector and landmarks of the preview warp (`detector`, whose `FaceBox` every face locator
+returns), the official HunyuanVideo-Avatar detector (`detface`) and its 3x face mask (`mask`)."""

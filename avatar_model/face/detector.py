@@ -31,12 +31,16 @@ CHIN_Y = 1.15
 
 @dataclass(frozen=True)
 class FaceBox:
-    """A face rectangle in pixels of the image it was detected in."""
+    """A face rectangle in pixels of the image it was detected in.
 
-    x: int
-    y: int
-    w: int
-    h: int
+    Haar boxes are ints (the preview warp indexes pixels with them); the official detector's boxes stay floats,
+    because the official mask arithmetic uses them unrounded.
+    """
+
+    x: int | float
+    y: int | float
+    w: int | float
+    h: int | float
 
     @property
     def center(self) -> tuple[float, float]:
@@ -65,12 +69,13 @@ class FaceBox:
         """The same box in an image resized by ``factor``."""
         return FaceBox(*(int(round(v * factor)) for v in (self.x, self.y, self.w, self.h)))
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> FaceBox:
-        return cls(x=int(data["x"]), y=int(data["y"]), w=int(data["w"]), h=int(data["h"]))
+        """Inverse of `to_dict`, value for value (a JSON int stays an int, a float a float)."""
+        return cls(x=data["x"], y=data["y"], w=data["w"], h=data["h"])
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,16 @@ _EXPORTS = {
     "AvatarPipeline": "pipeline",
     "AvatarPipelineConfig": "pipeline",
     "AvatarOutput": "pipeline",
+    "PrecomputedConditioning": "pipeline",
+    "ReferencePosterior": "vae",
     "load_pipeline": "presets",
+    "load_component": "presets",
+    "COMPONENTS": "presets",
     "PipelinePreset": "presets",
     "PRESETS": "presets",
+    # resident models of a process
+    "LoadSettings": "resident",
+    "ResidentModels": "resident",
     # schedule
     "WindowPlan": "scheduling",
     "flow_sigmas": "scheduling",

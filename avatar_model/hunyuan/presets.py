@@ -1,19 +1,23 @@
 """Named pipeline builds: the released model from the official checkpoint layout, and a tiny random one for tests.
 
-Presets are data (`PRESETS`); `load_pipeline` turns one into an `AvatarPipeline`. Nothing here downloads: the real
-weights are read from a local folder in the official layout (see weights/README.md) with ``local_files_only``.
+Presets are data (`PRESETS`). Each pipeline component loads on its own (`load_component`), so a process can hold
+just the ones a stage runs (`resident.ResidentModels`); `load_pipeline` loads them all. Nothing here downloads:
+the real weights are read from a local folder in the official layout (see weights/README.md) with
+``local_files_only``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 import torch
+from diffusers.hooks import apply_group_offloading
 from transformers import (
     AutoTokenizer,
     CLIPTextModel,
@@ -23,15 +27,19 @@ from transformers import (
     WhisperModel,
 )
 
-from avatar_model.face.detector import detect_face
+from avatar_model.face.detector import FaceBox, detect_face
+from avatar_model.face.detface import DetFace, pick_face
 from avatar_model.hunyuan.checkpoint import load_transformer
 from avatar_model.hunyuan.config import AvatarTransformerConfig
-from avatar_model.hunyuan.face_detector import DetFace, pick_face
-from avatar_model.hunyuan.pipeline import AvatarPipeline, AvatarPipelineConfig
+from avatar_model.hunyuan.pipeline import AvatarPipeline, AvatarPipelineConfig, FaceLocator, WhisperEncoder
 from avatar_model.hunyuan.text_encoders import AvatarTextEncoder, build_tiny_text_encoder
 from avatar_model.hunyuan.transformer import AvatarTransformer3DModel
 from avatar_model.hunyuan.vae import TINY_VAE_CONFIG, build_vae, load_vae
 
+COMPONENTS = ("face_locator", "whisper", "text_encoder", "transformer", "vae")  # AvatarPipeline's argument names
+# Each tiny component draws its weights from seed + offset, whatever else was loaded before it.
+TINY_SEED_OFFSETS = MappingProxyType({"text_encoder": 0, "transformer": 0, "vae": 1, "whisper": 2})
+TINY_TEXT_WIDTH = 16  # hidden size of `build_tiny_text_encoder`'s LLaVA and CLIP, which the tiny DiT reads
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,15 @@ class PipelinePreset:
     whisper: str = "whisper-tiny"
     face_detector: str = "det_align/detface.pt"
 
-    def required_files(self, fp8: bool) -> list[str]:
-        transformer = [self.transformer_fp8, self.transformer_fp8_map] if fp8 else [self.transformer]
-        folders = [f"{name}/config.json" for name in (self.llava, self.clip, self.whisper)]
-        return [*transformer, self.vae, *folders, f"{self.whisper}/preprocessor_config.json", self.face_detector]
+    def required_files(self, fp8: bool, components: Iterable[str] = COMPONENTS) -> list[str]:
+        files = {
+            "face_locator": [self.face_detector],
+            "whisper": [f"{self.whisper}/config.json", f"{self.whisper}/preprocessor_config.json"],
+            "text_encoder": [f"{self.llava}/config.json", f"{self.clip}/config.json"],
+            "transformer": [self.transformer_fp8, self.transformer_fp8_map] if fp8 else [self.transformer],
+            "vae": [self.vae],
+        }
+        return [name for component in components for name in files[component]]
 
 
 PRESETS: Mapping[str, PipelinePreset] = MappingProxyType(
@@ -81,34 +94,95 @@ def load_pipeline(
     group_offload: bool = False,
     config: AvatarPipelineConfig | None = None,
 ) -> AvatarPipeline:
-    """Build the pipeline ``preset`` on ``device``.
+    """Build the pipeline ``preset`` on ``device`` with every component (see `load_component`).
 
     ``dtype`` is the DiT compute dtype (default: bf16 on accelerators, fp32 on CPU; the latent buffer follows the
-    official fp16 whenever the DiT is not fp32). ``fp8`` loads the official fp8 transformer checkpoint (weight-only
-    float8 with per-layer scales). ``group_offload`` builds every model in CPU memory and streams it to ``device``
-    only while it runs (see `AvatarPipeline.enable_group_offload`). ``weights_dir`` holds ``ckpts/`` (default
-    ``weights``).
+    official fp16 whenever the DiT is not fp32); a given ``config`` decides it instead. ``weights_dir`` holds
+    ``ckpts/`` (default ``weights``); every missing file is listed before anything loads.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    spec, device = PRESETS[preset], torch.device(device)
+    spec, device = _preset(preset), torch.device(device)
     if config is None:
         overrides = {} if dtype is None else {"dtype": dtype, "latent_dtype": _latent_dtype(dtype)}
         config = AvatarPipelineConfig.for_device(device, **overrides)
-    build_device = torch.device("cpu") if group_offload else device
+    weights_dir = Path(weights_dir or "weights")
+    if spec.random_seed is None:
+        _check_files(spec, weights_dir / "ckpts", COMPONENTS, fp8)
+    components = {
+        name: load_component(name, preset, weights_dir, device, config.dtype, fp8=fp8, group_offload=group_offload)
+        for name in COMPONENTS
+    }
+    return AvatarPipeline(**components, config=config, device=device, offload=group_offload)
+
+
+def load_component(
+    component: str,
+    preset: str,
+    weights_dir: str | Path = "weights",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    fp8: bool = False,
+    group_offload: bool = False,
+):
+    """Load one of `COMPONENTS` of ``preset``: a `FaceLocator` (on the CPU), a `WhisperEncoder` (fp32, as
+    officially), an `AvatarTextEncoder`, the DiT or the VAE.
+
+    ``dtype`` is the DiT compute dtype; the text encoders and the VAE follow the official rule (fp16 unless it is
+    fp32). ``fp8`` loads the official fp8 DiT checkpoint (weight-only float8 with per-layer scales). With
+    ``group_offload`` the DiT stays in CPU memory and is streamed to ``device`` a block at a time, and the encoders
+    and the VAE rest in CPU memory; `AvatarPipeline(offload=True)` moves each onto ``device`` while it runs.
+    """
+    spec, device = _preset(preset), torch.device(device)
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; available: {', '.join(COMPONENTS)}")
+    resting = torch.device("cpu") if group_offload else device  # where the encoders and the VAE wait between uses
     if spec.random_seed is not None:
-        if fp8:
+        if fp8 and component == "transformer":
             raise ValueError(f"fp8 selects the official fp8 checkpoint; preset {preset!r} has random weights")
-        pipeline = _tiny_random_pipeline(spec.random_seed, build_device, config)
-    else:
-        pipeline = _official_pipeline(spec, Path(weights_dir or "weights") / "ckpts", build_device, config, fp8)
-    if group_offload:
-        pipeline.enable_group_offload(onload_device=device)
-    return pipeline
+        return _tiny_component(component, spec.random_seed, device, resting, dtype, group_offload)
+    root = Path(weights_dir) / "ckpts"
+    _check_files(spec, root, [component], fp8)
+    return _official_component(component, spec, root, device, resting, dtype, fp8, group_offload)
+
+
+def _preset(name: str) -> PipelinePreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def _latent_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def _check_files(spec: PipelinePreset, root: Path, components: Iterable[str], fp8: bool) -> None:
+    missing = [name for name in spec.required_files(fp8, components) if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"preset {spec.name!r} needs the official checkpoints under {root} (see weights/README.md); missing: "
+            + ", ".join(missing)
+        )
+
+
+def _cast_transformer(model: AvatarTransformer3DModel, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` except the modules the official code keeps in fp32 (as the checkpoint loader does)."""
+    model.to(dtype)
+    for name in model._keep_in_fp32_modules:
+        model.get_submodule(name).float()
+
+
+def _place_transformer(
+    model: AvatarTransformer3DModel, device: torch.device, group_offload: bool
+) -> AvatarTransformer3DModel:
+    """On ``device``, or in CPU memory streamed to it block by block by diffusers' group-offloading hooks (the
+    official "GPU-poor" path)."""
+    if not group_offload:
+        return model.to(device)
+    apply_group_offloading(
+        model.to("cpu"), onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+        num_blocks_per_group=1,
+    )
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- tiny random
@@ -136,87 +210,90 @@ def tiny_whisper_config() -> WhisperConfig:
     )
 
 
-def haar_face_box(image: np.ndarray) -> tuple[float, float, float, float]:
-    """Face box (x, y, w, h) from the bundled OpenCV cascade (the tiny preset has no detector checkpoint)."""
-    face = detect_face(image, name="portrait")
-    return face.x, face.y, face.w, face.h
+def haar_face_box(image: np.ndarray) -> FaceBox:
+    """The face from the bundled OpenCV cascade (the tiny preset has no detector checkpoint)."""
+    return detect_face(image, name="portrait")
 
 
-def _tiny_random_pipeline(seed: int, device: torch.device, config: AvatarPipelineConfig) -> AvatarPipeline:
-    text_encoder = build_tiny_text_encoder(seed)
-    llava_text, clip_text = text_encoder.llava.config.text_config, text_encoder.clip.config
-    transformer_config = dataclasses.replace(
-        AvatarTransformerConfig.tiny(),
-        text_states_dim=llava_text.hidden_size,
-        text_states_dim_2=clip_text.hidden_size,
-    )
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Draw from the global CPU RNG seeded with ``seed``, and leave it as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = AvatarTransformer3DModel(transformer_config)
-        vae = build_vae(TINY_VAE_CONFIG)
-        whisper = WhisperModel(tiny_whisper_config())
-    _cast_transformer(transformer, config.dtype)
-    text_encoder.llava.to(device)
-    text_encoder.clip.to(device)
-    return AvatarPipeline(
-        transformer=transformer.to(device).eval().requires_grad_(False),
-        vae=vae.to(device).eval().requires_grad_(False),
-        text_encoder=text_encoder,
-        whisper=whisper.to(device).eval(),
-        feature_extractor=WhisperFeatureExtractor(),
-        face_locator=haar_face_box,
-        config=config,
-        device=device,
+        yield
+
+
+def _tiny_component(
+    component: str, seed: int, device: torch.device, resting: torch.device, dtype: torch.dtype, group_offload: bool
+):
+    if component == "face_locator":
+        return haar_face_box
+    seed += TINY_SEED_OFFSETS[component]
+    if component == "text_encoder":
+        text_encoder = build_tiny_text_encoder(seed)
+        text_encoder.llava.to(resting)
+        text_encoder.clip.to(resting)
+        return text_encoder
+    if component == "whisper":
+        with _seeded(seed):
+            whisper = WhisperModel(tiny_whisper_config())
+        return WhisperEncoder(whisper.to(resting).eval(), WhisperFeatureExtractor())
+    if component == "vae":
+        with _seeded(seed):
+            vae = build_vae(TINY_VAE_CONFIG)
+        return vae.to(resting).eval().requires_grad_(False)
+    config = dataclasses.replace(
+        AvatarTransformerConfig.tiny(), text_states_dim=TINY_TEXT_WIDTH, text_states_dim_2=TINY_TEXT_WIDTH
     )
-
-
-def _cast_transformer(model: AvatarTransformer3DModel, dtype: torch.dtype) -> None:
-    """Cast to ``dtype`` except the modules the official code keeps in fp32 (as the checkpoint loader does)."""
-    model.to(dtype)
-    for name in model._keep_in_fp32_modules:
-        model.get_submodule(name).float()
+    with _seeded(seed):
+        transformer = AvatarTransformer3DModel(config)
+    _cast_transformer(transformer, dtype)
+    return _place_transformer(transformer.eval().requires_grad_(False), device, group_offload)
 
 
 # ----------------------------------------------------------------------------------------------- released model
 
 
-def _official_pipeline(
-    spec: PipelinePreset, root: Path, device: torch.device, config: AvatarPipelineConfig, fp8: bool
-) -> AvatarPipeline:
-    missing = [name for name in spec.required_files(fp8) if not (root / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"preset {spec.name!r} needs the official checkpoints under {root} (see weights/README.md); missing: "
-            + ", ".join(missing)
+def _official_component(
+    component: str,
+    spec: PipelinePreset,
+    root: Path,
+    device: torch.device,
+    resting: torch.device,
+    dtype: torch.dtype,
+    fp8: bool,
+    group_offload: bool,
+):
+    half = torch.float32 if dtype == torch.float32 else torch.float16  # official: encoders and VAE in fp16
+    if component == "face_locator":
+        return _official_face_locator(DetFace(root / spec.face_detector))
+    if component == "whisper":
+        whisper = WhisperModel.from_pretrained(root / spec.whisper, local_files_only=True)  # fp32, as officially
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(root / spec.whisper, local_files_only=True)
+        return WhisperEncoder(whisper.to(resting).eval(), feature_extractor)
+    if component == "text_encoder":
+        text_encoder = AvatarTextEncoder(
+            LlavaForConditionalGeneration.from_pretrained(root / spec.llava, dtype=half, local_files_only=True),
+            AutoTokenizer.from_pretrained(root / spec.llava, padding_side="right", local_files_only=True),
+            CLIPTextModel.from_pretrained(root / spec.clip, dtype=half, local_files_only=True),
+            AutoTokenizer.from_pretrained(root / spec.clip, local_files_only=True),
         )
-    half = torch.float32 if config.dtype == torch.float32 else torch.float16  # official: encoders and VAE in fp16
+        text_encoder.llava.to(resting)
+        text_encoder.clip.to(resting)
+        return text_encoder
+    if component == "vae":
+        return load_vae(root / spec.vae, dtype=half, device=resting)
     transformer = load_transformer(
         root / (spec.transformer_fp8 if fp8 else spec.transformer),
         AvatarTransformerConfig.released(),
-        dtype=config.dtype,
+        dtype=dtype,
         fp8_map_path=root / spec.transformer_fp8_map if fp8 else None,
     )
-    text_encoder = AvatarTextEncoder(
-        LlavaForConditionalGeneration.from_pretrained(root / spec.llava, dtype=half, local_files_only=True),
-        AutoTokenizer.from_pretrained(root / spec.llava, padding_side="right", local_files_only=True),
-        CLIPTextModel.from_pretrained(root / spec.clip, dtype=half, local_files_only=True),
-        AutoTokenizer.from_pretrained(root / spec.clip, local_files_only=True),
-    )
-    text_encoder.llava.to(device)
-    text_encoder.clip.to(device)
-    whisper = WhisperModel.from_pretrained(root / spec.whisper, local_files_only=True)  # fp32, as officially
-    detector = DetFace(root / spec.face_detector, device=device)
+    return _place_transformer(transformer, device, group_offload)
 
-    def locate_face(image: np.ndarray) -> np.ndarray:
+
+def _official_face_locator(detector: DetFace) -> FaceLocator:
+    def locate_face(image: np.ndarray) -> FaceBox:
         return pick_face(detector(image))
 
-    return AvatarPipeline(
-        transformer=transformer.to(device),
-        vae=load_vae(root / spec.vae, dtype=half, device=device),
-        text_encoder=text_encoder,
-        whisper=whisper.to(device).eval(),
-        feature_extractor=WhisperFeatureExtractor.from_pretrained(root / spec.whisper, local_files_only=True),
-        face_locator=locate_face,
-        config=config,
-        device=device,
-    )
+    return locate_face

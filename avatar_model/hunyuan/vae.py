@@ -6,11 +6,16 @@ scaling 0.476986) and the official `vae/pytorch_model.pt` keys load into it unch
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+SPATIAL_COMPRESSION = 8  # pixels per latent cell along H and W, for both presets' VAEs
+OFFICIAL_TILE_PX = 256  # official spatial tile; the stride is 3/4 of the tile (192)
 
 # Small enough for CPU tests, but with the released latent width (16) so it plugs into the DiT.
 TINY_VAE_CONFIG = {
@@ -26,17 +31,22 @@ def build_vae(config: dict | None = None) -> AutoencoderKLHunyuanVideo:
     return AutoencoderKLHunyuanVideo(**(config or {}))
 
 
-def enable_official_tiling(vae: AutoencoderKLHunyuanVideo) -> AutoencoderKLHunyuanVideo:
-    """Official tiles: 256 px with stride 192 spatially, 64 frames with stride 48 temporally (25 % overlap).
+def enable_official_tiling(
+    vae: AutoencoderKLHunyuanVideo, tile_px: int = OFFICIAL_TILE_PX
+) -> AutoencoderKLHunyuanVideo:
+    """Official tiles: ``tile_px`` (256) with stride 3/4 of it (192) spatially, 64 frames with stride 48 temporally
+    (25 % overlap). Smaller spatial tiles lower the decoder's peak memory.
 
     diffusers' temporal default (16/12 frames) differs, and its temporal tiling is on even without `enable_tiling`.
     """
+    if tile_px <= 0 or tile_px % (4 * SPATIAL_COMPRESSION):
+        raise ValueError(f"tile_px must be a positive multiple of 32 (its 3/4 stride in whole latents), got {tile_px}")
     vae.enable_tiling(
-        tile_sample_min_height=256,
-        tile_sample_min_width=256,
+        tile_sample_min_height=tile_px,
+        tile_sample_min_width=tile_px,
         tile_sample_min_num_frames=64,
-        tile_sample_stride_height=192,
-        tile_sample_stride_width=192,
+        tile_sample_stride_height=tile_px * 3 // 4,
+        tile_sample_stride_width=tile_px * 3 // 4,
         tile_sample_stride_num_frames=48,
     )
     return vae
@@ -61,27 +71,43 @@ def load_vae(
     return enable_official_tiling(vae.to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
+@dataclass(frozen=True)
+class ReferencePosterior:
+    """The VAE posterior of the still reference clip, with the scaling factor, so that it can be cached per portrait
+    and sampled for any seed without the VAE."""
+
+    parameters: torch.Tensor  # [1, 2C, T, h, w] mean and log-variance, as `DiagonalGaussianDistribution` takes them
+    scaling_factor: float
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents [1, C, T, h, w] drawn on the parameters' device and dtype (global RNG without a generator)."""
+        return DiagonalGaussianDistribution(self.parameters).sample(generator=generator) * self.scaling_factor
+
+
 @torch.no_grad()
+def encode_reference_posterior(
+    vae: AutoencoderKLHunyuanVideo, image: np.ndarray, n_frames: int = 129
+) -> ReferencePosterior:
+    """The posterior of an RGB uint8 image [H, W, 3] held still for `n_frames` frames (a clip, not one frame, is what
+    the DiT was trained to read), mapped to [-1, 1] in the VAE dtype: T = (n_frames - 1) // 4 + 1, h, w = H/8, W/8."""
+    height, width = image.shape[:2]
+    if height % SPATIAL_COMPRESSION or width % SPATIAL_COMPRESSION or (n_frames - 1) % vae.temporal_compression_ratio:
+        raise ValueError(f"need H and W multiples of 8 and n_frames = 4k + 1, got {height}x{width}, {n_frames}")
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device=vae.device, dtype=vae.dtype)
+    pixels = pixels.permute(2, 0, 1) / 127.5 - 1  # [3, H, W] in [-1, 1]
+    clip = pixels[None, :, None].repeat(1, 1, n_frames, 1, 1)  # [1, 3, F, H, W]
+    return ReferencePosterior(vae.encode(clip).latent_dist.parameters, vae.config.scaling_factor)
+
+
 def encode_reference(
     vae: AutoencoderKLHunyuanVideo,
     image: np.ndarray,
     n_frames: int = 129,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Reference latents from an RGB uint8 image [H, W, 3]: [1, C, (n_frames - 1) // 4 + 1, H / 8, W / 8].
-
-    The image is held still for `n_frames` frames (a clip, not one frame, is what the DiT was trained to read),
-    mapped to [-1, 1] in the VAE dtype, encoded, and the posterior is *sampled* (not its mode), as in the official
-    code. With `generator=None` the sample uses the global RNG, like the official code.
-    """
-    height, width = image.shape[:2]
-    if height % 8 or width % 8 or (n_frames - 1) % vae.temporal_compression_ratio:
-        raise ValueError(f"need H and W multiples of 8 and n_frames = 4k + 1, got {height}x{width}, {n_frames}")
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device=vae.device, dtype=vae.dtype)
-    pixels = pixels.permute(2, 0, 1) / 127.5 - 1  # [3, H, W] in [-1, 1]
-    clip = pixels[None, :, None].repeat(1, 1, n_frames, 1, 1)  # [1, 3, F, H, W]
-    latents = vae.encode(clip).latent_dist.sample(generator=generator)
-    return latents * vae.config.scaling_factor
+    """Reference latents [1, C, (n_frames - 1) // 4 + 1, H / 8, W / 8]: the posterior *sampled* (not its mode), as in
+    the official code. With `generator=None` the sample uses the global RNG, like the official code."""
+    return encode_reference_posterior(vae, image, n_frames).sample(generator)
 
 
 def _decode_tile(vae: AutoencoderKLHunyuanVideo, z: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,9 @@ def reference_tensors(posterior) -> dict[str, Any]:
 
 def denoise(call: StageCall) -> LatentsRef:
     """Seeded noise → latents over shifted circular windows, from the cached conditioning alone (DiT only)."""
-    from avatar_model.hunyuan.pipeline import PrecomputedConditioning, ReferencePosterior
+    from avatar_model.hunyuan.pipeline import PrecomputedConditioning
     from avatar_model.hunyuan.text_encoders import TextConditioning
+    from avatar_model.hunyuan.vae import ReferencePosterior
 
     portrait, features = call.input(PortraitRef), call.input(AudioFeaturesRef)
     text = _load(call, call.inputs["encode_prompt"])

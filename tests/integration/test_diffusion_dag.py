@@ -32,7 +32,7 @@ ENCODERS = ("encode-audio", "encode-prompt", "encode-reference")
 
 def tiny(**diffusion) -> PipelineConfig:
     return PipelineConfig(backend="tiny-random", video=VideoConfig(short_side=64),
-                          diffusion=DiffusionConfig(steps=2, device="cpu", **diffusion),
+                          diffusion=DiffusionConfig(**{"steps": 2, "device": "cpu", **diffusion}),
                           retry=RetryConfig(retries=1, base_delay_seconds=0.05))
 
 
@@ -70,7 +70,7 @@ def task_runs(flow_run_id: str, expected: int) -> list:
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                         limit=500)
+                                         limit=200)
             if sum(run.state is not None and run.state.is_final() for run in runs) >= expected:
                 return runs
             if time.monotonic() > deadline:

@@ -44,7 +44,7 @@ def test_two_runs_started_together_take_turns_on_the_one_gpu(tmp_path, demo_dir,
         deadline = time.monotonic() + 60
         while True:  # task-run states reach the API as events: wait until all gpu runs are recorded as ended
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_runs)),
-                                         limit=500)
+                                         limit=200)
             gpu = sorted((run.start_time, run.end_time, run.flow_run_id) for run in runs
                          if run.name.startswith(GPU_STAGES) and run.start_time is not None and run.end_time)
             if len(gpu) >= 2 * 2 * len(GPU_STAGES) or time.monotonic() > deadline:

@@ -51,6 +51,19 @@ def test_face_box_round_trips_through_json():
     assert face.to_dict() == {"x": 10, "y": 20, "w": 30, "h": 40}
 
 
+def test_float_face_box_round_trips_value_for_value():
+    """The official detector's boxes are floats the mask reads unrounded; Haar boxes stay ints."""
+    face = FaceBox(10.25, 20.0, 30.123456789012345, 40)
+    back = FaceBox.from_dict(json.loads(json.dumps(face.to_dict())))
+    assert back == face
+    assert [type(v) for v in (back.x, back.y, back.w, back.h)] == [float, float, float, int]
+
+
+def test_haar_face_box_is_ints(astronaut):
+    face = detect_face(astronaut)
+    assert all(type(v) is int for v in (face.x, face.y, face.w, face.h))
+
+
 def test_face_box_geometry_is_inside_the_face():
     face = FaceBox(100, 50, 80, 80)
     mouth_x, mouth_y = face.mouth_center

@@ -82,7 +82,7 @@ def test_results_are_written_whole_with_extra_columns(tmp_path):
         ItemResult(row=0, item_id="a", status="succeeded", backend="preview", frame_count=10,
                    stage_seconds={"decode": 1.5}, extra={"language": "fr"}),
     ]
-    frame = write_results(results, str(out))
+    frame = write_results(results, str(out), ("decode", "mux"))
     back = pd.read_parquet(out)
     assert list(back["item_id"]) == ["a", "b"]  # manifest order
     assert back.loc[0, "seconds_decode"] == 1.5 and back.loc[1, "manifest_status"] == "clash"

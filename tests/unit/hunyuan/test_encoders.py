@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-from common.errors import FaceNotFound
+from avatar_model.face.detector import FaceBox
+from avatar_model.face.detface import DetFace, Faces, detection_grids, filter_detections, nms, pick_face
+from avatar_model.face.mask import face_mask, latent_face_mask
 from avatar_model.hunyuan import prompts
 from avatar_model.hunyuan.audio_features import (
     audio_frame_count,
@@ -13,17 +15,8 @@ from avatar_model.hunyuan.audio_features import (
     encode_whisper,
     whisper_input_features,
 )
-from avatar_model.hunyuan.face_detector import (
-    DetFace,
-    Faces,
-    detection_grids,
-    face_mask,
-    filter_detections,
-    latent_face_mask,
-    nms,
-    pick_face,
-)
 from avatar_model.hunyuan.text_encoders import build_tiny_text_encoder, llava_expand_layout, llava_pixels
+from common.errors import FaceNotFound
 
 # ---------------------------------------------------------------- prompts
 
@@ -102,20 +95,20 @@ def test_long_audio_keeps_every_frame():
 
 
 def test_face_mask_is_the_3x_box_clipped_to_the_image():
-    mask = face_mask((100, 50, 40, 60), height=256, width=256)
+    mask = face_mask(FaceBox(100, 50, 40, 60), height=256, width=256)
     assert mask.shape == (1, 1, 1, 256, 256)
     expected = torch.zeros(256, 256)
     expected[0:170, 60:180] = 1  # centre (120, 80), 120 x 180 box, top clipped at 0
     assert torch.equal(mask[0, 0, 0], expected)
 
-    mask = face_mask((200, 10.5, 40.25, 30), height=100, width=230)  # floor-division centre, clipped right
+    mask = face_mask(FaceBox(200, 10.5, 40.25, 30), height=100, width=230)  # floor-division centre, clipped right
     expected = torch.zeros(100, 230)
     expected[0:70, 160:230] = 1  # cx = 440.25 // 2 = 220, half width = 120.75 // 2 = 60, y 25 +- 45 -> 0..70
     assert torch.equal(mask[0, 0, 0], expected)
 
 
 def test_latent_face_mask_is_bilinear():
-    mask = face_mask((20, 20, 12, 12), height=64, width=64, area=1.0)  # ones on [20, 32)
+    mask = face_mask(FaceBox(20, 20, 12, 12), height=64, width=64, area=1.0)  # ones on [20, 32)
     latent = latent_face_mask(mask, (8, 8))
     assert latent.shape == (1, 1, 1, 8, 8)
     assert latent[0, 0, 0, 3, 3] == 1 and latent[0, 0, 0, 0, 0] == 0
@@ -177,6 +170,9 @@ def test_detector_pre_and_post_processing(detector):
     np.testing.assert_allclose(faces.boxes[1], [80 * sx, 80 * sy, 40 * sx, 40 * sy], rtol=1e-6)
     np.testing.assert_allclose(faces.landmarks[1, 2], [104 * sx, 105 * sy], rtol=1e-6)
 
+    face = pick_face(faces)  # the detector's floats, unrounded, as the official mask arithmetic reads them
+    assert face == FaceBox(*faces.boxes[0].tolist()) and all(type(v) is float for v in (face.x, face.y, face.w))
+
 
 def test_detector_without_face_raises(detector):
     image = np.zeros((300, 500, 3), np.uint8)
@@ -196,9 +192,9 @@ def test_filter_and_grids():
 def test_pick_face_rules():
     boxes = np.array([[0, 0, 2, 5], [0, 0, 5, 6], [0, 0, 4, 4.0]])  # areas 10, 30, 16
     faces = Faces(boxes=boxes, landmarks=np.zeros((3, 5, 2)), scores=np.array([0.9, 0.8, 0.7]))
-    assert pick_face(faces).tolist() == boxes[1].tolist()
+    assert pick_face(faces) == FaceBox(0, 0, 5, 6)
     # official maxface never updates its maximum: the last face larger than face 0 wins
-    assert pick_face(faces, "official").tolist() == boxes[2].tolist()
+    assert pick_face(faces, "official") == FaceBox(0, 0, 4, 4)
 
 
 # ---------------------------------------------------------------- LLaVA layout and text encoders

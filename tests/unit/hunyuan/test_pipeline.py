@@ -165,7 +165,7 @@ def test_memory_measurement_detects_a_decoder_that_holds_all_frames(pipe):
 def test_group_offload_gives_the_same_frames(image, run):
     """diffusers' group-offloading hooks (onloading to the CPU here) must not change a single value."""
     offloaded = load_pipeline("tiny-random", device="cpu", group_offload=True)
-    assert offloaded.offload
+    assert offloaded.offload and offloaded.transformer._diffusers_hook.get_hook("group_offloading") is not None
     output = offloaded(image, speech_like(4), "a woman talking to the camera", 0, num_inference_steps=STEPS)
     assert consume(output.frames).digest == run(4, seed=0).digest
 
@@ -281,7 +281,8 @@ def test_denoise_matches_the_literal_official_loop(image, frames):
         positive, negative = pipe.encode_prompt("a woman talking", prompts.NEGATIVE_PROMPT, image)
         audio = pipe.encode_audio(speech_like(frames / FPS), plan)
         ref_latents = pipe.prepare_reference_latents(image, seed=0)
-        cond = pipe.build_conditioning(positive, negative, pipe.prepare_face_mask(image), ref_latents, plan)
+        face = pipe.prepare_face_mask(pipe.locate_face(image), *image.shape[:2])
+        cond = pipe.build_conditioning(positive, negative, face, ref_latents, plan)
         noise = pipe.prepare_latents(plan, ref_latents, seed=0)
         pipe.set_timesteps(steps)
         ours = pipe.denoise(noise, audio, cond, plan, cfg_scale=7.5)

@@ -1,4 +1,4 @@
-"""Face region for the face-aware audio adapter: the official detector (`det_align/detface.pt`) and the 3x box mask.
+"""The official HunyuanVideo-Avatar face detector (`det_align/detface.pt`), whose box drives the audio mask.
 
 The detector is a YOLOv5-face TorchScript module called as `model(image, grids)`. Pre- and post-processing follow
 the official `data_kits/face_align/detface.py`; torchvision is not a dependency, so NMS is written out here.
@@ -13,8 +13,8 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from avatar_model.face.detector import FaceBox
 from common.errors import FaceNotFound
 
 INPUT_SHORT_SIDE = 416
@@ -30,12 +30,12 @@ class Faces:
     scores: np.ndarray  # [N] objectness x class score
 
 
-def detection_grids(height: int, width: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def detection_grids(height: int, width: int) -> list[torch.Tensor]:
     """Cell-index grids the TorchScript head expects, one per stride: [1, 1, ny, nx, 2] holding (x, y)."""
     grids = []
     for stride in STRIDES:
         ys, xs = torch.meshgrid(torch.arange(height // stride), torch.arange(width // stride), indexing="ij")
-        grids.append(torch.stack((xs, ys), dim=-1)[None, None].float().to(device))
+        grids.append(torch.stack((xs, ys), dim=-1)[None, None].float())
     return grids
 
 
@@ -75,17 +75,13 @@ def filter_detections(
 
 
 class DetFace:
-    """The official TorchScript face detector with its pre- and post-processing."""
+    """The official TorchScript face detector with its pre- and post-processing.
 
-    def __init__(
-        self,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        score_threshold: float = 0.5,
-        iou_threshold: float = 0.45,
-    ):
-        self.device = torch.device(device)
-        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+    It runs on the CPU: one 416-px forward per portrait is fast there, and the accelerator stays free for the DiT.
+    """
+
+    def __init__(self, path: str | Path, score_threshold: float = 0.5, iou_threshold: float = 0.45):
+        self.model = torch.jit.load(str(path), map_location="cpu").eval()
         self.score_threshold = score_threshold
         self.iou_threshold = iou_threshold
 
@@ -97,9 +93,9 @@ class DetFace:
         ratio = INPUT_SHORT_SIDE / min(h0, w0)
         h1, w1 = int(h0 * ratio + 31) // 32 * 32, int(w0 * ratio + 31) // 32 * 32
         resized = cv2.resize(np.ascontiguousarray(image), (w1, h1), interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None].float() / 255  # [1, 3, h1, w1] RGB
+        x = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255  # [1, 3, h1, w1] RGB
 
-        pred = self.model(x, detection_grids(h1, w1, self.device))[0].float().cpu()  # [N, 16]
+        pred = self.model(x, detection_grids(h1, w1))[0].float()  # [N, 16]
         boxes, scores, landmarks = filter_detections(pred, self.score_threshold, self.iou_threshold)
         if len(boxes) == 0:
             raise FaceNotFound("no face found in the reference image; use a photo with a clearly visible face")
@@ -113,8 +109,8 @@ class DetFace:
         )
 
 
-def pick_face(faces: Faces, rule: Literal["largest", "official"] = "largest") -> np.ndarray:
-    """The box (x, y, w, h) that drives the mask.
+def pick_face(faces: Faces, rule: Literal["largest", "official"] = "largest") -> FaceBox:
+    """The box that drives the mask, with the detector's float coordinates.
 
     "largest" keeps the largest face. "official" reproduces the official `maxface` loop, which never updates its
     running maximum and so keeps the *last* face larger than the top-scoring one; use it only for parity runs. The
@@ -122,30 +118,10 @@ def pick_face(faces: Faces, rule: Literal["largest", "official"] = "largest") ->
     """
     area = faces.boxes[:, 2] * faces.boxes[:, 3]
     if rule == "largest":
-        return faces.boxes[int(np.argmax(area))]
-    if rule == "official":
+        index = int(np.argmax(area))
+    elif rule == "official":
         bigger = np.nonzero(area[1:] > area[0])[0]
-        return faces.boxes[bigger[-1] + 1 if len(bigger) else 0]
-    raise ValueError(f"rule must be 'largest' or 'official', got {rule!r}")
-
-
-def face_mask(box: np.ndarray | tuple[float, ...], height: int, width: int, area: float = 3.0) -> torch.Tensor:
-    """Binary mask [1, 1, 1, H, W] of the face box scaled by `area` around its centre, clipped to the image.
-
-    Arithmetic follows the official `get_facemask` (floor-division centre, truncation to int).
-    """
-    x1, y1, w, h = (float(v) for v in box)
-    x2, y2 = x1 + w, y1 + h
-    w, h = (x2 - x1) * area, (y2 - y1) * area
-    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
-    left, top = max(cx - w // 2, 0), max(cy - h // 2, 0)
-    right, bottom = min(cx + w // 2, width), min(cy + h // 2, height)
-
-    mask = torch.zeros(1, 1, 1, height, width)
-    mask[..., int(top) : int(bottom), int(left) : int(right)] = 1.0
-    return mask
-
-
-def latent_face_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask [1, 1, 1, H, W] -> latent grid [1, 1, 1, h, w], bilinear (soft edges) as in the official code."""
-    return F.interpolate(mask.float().squeeze(2), size=tuple(latent_hw), mode="bilinear").unsqueeze(2)
+        index = int(bigger[-1]) + 1 if len(bigger) else 0
+    else:
+        raise ValueError(f"rule must be 'largest' or 'official', got {rule!r}")
+    return FaceBox(*(float(v) for v in faces.boxes[index]))
