@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.utilities.annotations import allow_failure
 
 from common import storage
 from manifests import ItemResult, ManifestRow, StageOutcome, already_published, failed, fold_item, write_results
@@ -79,6 +80,7 @@ class ManifestRender:
         self.callbacks = [log] + ([on_item] if on_item else [])
         self.results: list[ItemResult] = []
         self.by_key: dict[str, PrefectFuture] = {}  # one run per stage key: lines of one portrait share its encodes
+        self.last_gpu: PrefectFuture | None = None
 
     def finish(self, item: ItemResult) -> None:
         self.results.append(item)
@@ -97,9 +99,15 @@ class ManifestRender:
             run.shared.add(stage.name)
             return
         inputs = {name: run.futures[name] for name in stage.inputs}
-        run.futures[stage.name] = self.tasks[stage.name].submit(stage.name, run.row.item_id, key, inputs, run.job)
+        # this run's gpu stages queue here in submission order, so only other runs contend for the GPU slot
+        # (a slot wait is a server poll that backs off up to 30 s; a local queue hands the GPU on at once)
+        after = [allow_failure(self.last_gpu)] if stage.resource == "gpu" and self.last_gpu else None
+        future = self.tasks[stage.name].submit(stage.name, run.row.item_id, key, inputs, run.job, wait_for=after)
+        run.futures[stage.name] = future
+        if stage.resource == "gpu":
+            self.last_gpu = future
         if stage.cached:
-            self.by_key[key] = run.futures[stage.name]
+            self.by_key[key] = future
 
     def render(self, rows: list[ManifestRow]) -> None:
         for row in rows:
@@ -151,7 +159,9 @@ class ManifestRender:
             wait([run.futures[stage.name] for run in live])
             live = [run for run in live if run.futures[stage.name].state.is_completed()]
             models = process_models()
-            models.release(*(set(models.loaded()) - self.graph.models_after(stage.name)))
+            unused = set(models.loaded()) - self.graph.models_after(stage.name)
+            if unused:
+                models.release(*unused)
 
     def publish_results(self, manifest_uri: str, wall_seconds: float, flow_run_id: str) -> dict:
         """results.parquet, summary.json and a table artifact; ItemsFailed if any row failed."""

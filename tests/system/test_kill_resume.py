@@ -57,6 +57,6 @@ def test_sigkill_mid_run_then_rerun_finishes_only_the_rest(tmp_path, demo_dir, p
     for item in finished:
         assert results.loc[item, "cache_hits"] == 6, f"{item} was finished but rendered again"
         assert (videos / f"{item}.mp4").read_bytes() == before[f"{item}.mp4"]
-    rendered_again = results[results["seconds_decode"] > 0].index
+    rendered_again = results[results["seconds_render"] > 0].index
     assert set(rendered_again).isdisjoint(finished) and len(rendered_again) >= 1
     assert sorted(p.name for p in videos.glob("*.mp4")) == sorted(f"line-{i}.mp4" for i in range(ITEMS))
