@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--portraits", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--baseline", default="4481517", help="commit of the monolithic generate stage")
+    parser.add_argument("--database", default=None,
+                        help="the server's database (postgresql+asyncpg://…); default a fresh SQLite file")
+    parser.add_argument("--only", choices=("a", "b"), default=None, help="measure only (a) or only (b)")
     args = parser.parse_args()
     from conftest import free_port
     from pipeline_bench import _start_server
@@ -124,13 +127,14 @@ def main() -> None:
         baseline = tmp / "baseline"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
                        check=True, capture_output=True)
-        server = _start_server(tmp, free_port())
+        server = _start_server(tmp, free_port(), args.database)
         env = {**os.environ}
+        skipped = {"wall": float("nan"), "calls": {}}
         try:
-            graph = run("flow", REPO, manifest, tmp / "graph", args.steps, env)
-            old = run("baseline", baseline, manifest, tmp / "old", args.steps, env)
-            loop = run("loop", REPO, manifest, tmp / "loop", args.steps, env)
-            flow = run("flow", REPO, manifest, tmp / "flow", args.steps, env)
+            graph = run("flow", REPO, manifest, tmp / "graph", args.steps, env) if args.only != "b" else skipped
+            old = run("baseline", baseline, manifest, tmp / "old", args.steps, env) if args.only != "b" else skipped
+            loop = run("loop", REPO, manifest, tmp / "loop", args.steps, env) if args.only != "a" else skipped
+            flow = run("flow", REPO, manifest, tmp / "flow", args.steps, env) if args.only != "a" else skipped
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -147,7 +151,9 @@ def main() -> None:
         ("(b) orchestration overhead, flow vs plain loop", f"flow {flow['wall']:.1f} s vs loop {loop['wall']:.1f} s",
          f"{overhead:.1%}", "≤ 5 %", overhead <= 0.05),
     ]
-    print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}, tiny-random, {args.steps} steps\n")
+    database = "PostgreSQL" if args.database else "SQLite"
+    print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}, tiny-random, {args.steps} steps, "
+          f"server on {database}\n")
     print("| metric | measured | ratio | target | met |")
     print("|---|---|---|---|---|")
     for name, measured, ratio, target, met in rows:

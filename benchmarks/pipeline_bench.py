@@ -166,11 +166,14 @@ def main() -> None:
     print(json.dumps({name: ratio for name, _, ratio, _, _ in rows}))
 
 
-def _start_server(tmp: Path, port: int) -> subprocess.Popen:
+def _start_server(tmp: Path, port: int, database_url: str | None = None) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1 (SQLite under ``tmp``, or the PostgreSQL at ``database_url``)."""
     import urllib.request
 
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1"}
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
                                "127.0.0.1", "--port", str(port), "--no-ui"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -27,6 +27,7 @@ from tasks.models import process_models
 from tasks.render import Job, StageFailed, resolve_task, stage_tasks
 from tasks.stages.delivery import output_uris
 
+
 class ItemsFailed(RuntimeError):
     """Raised after the results are written, so that the flow run ends Failed when any row failed."""
 

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import storage
-from common.ids import check_item_id
 from common.errors import AvatarError, DuplicateItemId, InvalidParameter
+from common.ids import check_item_id
 
 REQUIRED_COLUMNS = MappingProxyType({"item_id": "string", "portrait_uri": "string", "audio_uri": "string"})
 OPTIONAL_COLUMNS = MappingProxyType({"prompt": "string", "seed": "integer", "short_side": "integer", "crf": "integer"})

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import AvatarError
 from avatar_model.hunyuan.config import AvatarTransformerConfig
 from avatar_model.hunyuan.fp8 import FP8_DTYPE, FP8Linear, convert_linears_to_fp8
 from avatar_model.hunyuan.transformer import AvatarTransformer3DModel
+from common.errors import AvatarError
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import imageio_ffmpeg
 import numpy as np
 import soundfile
 
-from ..config import AudioConfig
 from common.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
+
+from ..config import AudioConfig
 
 logger = logging.getLogger(__name__)
 

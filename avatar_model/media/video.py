@@ -18,8 +18,9 @@ from typing import IO
 import av
 import numpy as np
 
-from ..config import VideoConfig
 from common.errors import EncoderError, TransientError
+
+from ..config import VideoConfig
 from .audio import ffmpeg_executable, stderr_tail
 
 logger = logging.getLogger(__name__)

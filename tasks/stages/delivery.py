@@ -18,8 +18,8 @@ from ..refs import AudioRef, MuxedRef, PublishedRef, Resolved, SilentVideoRef
 from . import artifacts
 
 if TYPE_CHECKING:
-    from ..graph import Graph, Item, StageCall
     from ..config import PipelineConfig
+    from ..graph import Graph, Item, StageCall
 
 
 def output_uris(output_uri: str, item_id: str) -> tuple[str, str]:

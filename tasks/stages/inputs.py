@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -19,6 +20,9 @@ from common.errors import TransientError
 from ..refs import AudioRef, PortraitRef
 from . import artifacts
 
+if TYPE_CHECKING:
+    from ..graph import StageCall
+
 
 def read_input(uri: str, sha256: str) -> bytes:
     """The input's bytes, which must still be the bytes `resolve` hashed into the item's keys."""
@@ -28,7 +32,7 @@ def read_input(uri: str, sha256: str) -> bytes:
     return data
 
 
-def bucketed_portrait(call, locate: Callable[[np.ndarray], FaceBox]) -> PortraitRef:
+def bucketed_portrait(call: StageCall, locate: Callable[[np.ndarray], FaceBox]) -> PortraitRef:
     """Decode and bucket the portrait, find its face with ``locate``, and cache the bucketed PNG."""
     item = call.item
     data = read_input(item.portrait_uri, call.resolved.portrait_sha256)
@@ -42,12 +46,12 @@ def bucketed_portrait(call, locate: Callable[[np.ndarray], FaceBox]) -> Portrait
     return PortraitRef(key=call.key, uri=uri, sha256=sha256, width=width, height=height, face=face.to_dict())
 
 
-def prepare_portrait(call) -> PortraitRef:
+def prepare_portrait(call: StageCall) -> PortraitRef:
     """Preview: the bundled Haar detector decides `FaceNotFound`."""
     return bucketed_portrait(call, lambda image: detect_face(image, name=call.item.portrait_uri))
 
 
-def prepare_audio(call) -> AudioRef:
+def prepare_audio(call: StageCall) -> AudioRef:
     """Decode any format ffmpeg reads to mono PCM at the delivery rate; reject empty/silent/over-long audio."""
     item, cfg = call.item, call.cfg
     rate = cfg.video.audio_sample_rate
@@ -63,7 +67,7 @@ def prepare_audio(call) -> AudioRef:
                     n_frames=frame_count(duration, cfg.video.fps))
 
 
-def load_portrait(call, ref: PortraitRef) -> np.ndarray:
+def load_portrait(call: StageCall, ref: PortraitRef) -> np.ndarray:
     """The cached bucketed portrait as a writable RGB array (torch refuses read-only buffers)."""
     with artifacts.fetch(ref, call.cache_uri, ".png") as path:
         return np.array(Image.open(path).convert("RGB"))
