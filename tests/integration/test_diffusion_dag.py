@@ -179,3 +179,18 @@ def test_an_evicted_encoder_artifact_is_encoded_again_and_a_steps_change_reuses_
     ran = counts(task_runs(summary["flow_run_id"], 2 + 2 + 2 + 2 + 2 + 2 + 4 * 2), "Completed")
     assert ran["encode-prompt"] == 2
     assert process_models().loads["transformer"] == loads, "a steps change does not load the DiT again"
+
+
+def test_a_bad_row_fails_alone_and_the_gpu_queue_goes_on(tmp_path, catalog):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 8)
+    rows = pd.read_parquet(manifest(tmp_path / "m.parquet", catalog, rows=3, seed_offset=700))
+    rows.loc[0, "audio_uri"] = str(broken)  # the first item's gpu stages never run; the others queue behind them
+    rows.to_parquet(tmp_path / "mixed.parquet", index=False)
+    with pytest.raises(ItemsFailed, match="1 of 3"):
+        render_manifest(str(tmp_path / "mixed.parquet"), str(tmp_path / "out"), config=tiny())
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("item_id")
+    assert (results.loc["line00", "failed_stage"], results.loc["line00", "error_class"]) == ("prepare_audio",
+                                                                                            "UndecodableAudio")
+    assert results.loc["line00", "attempts"] == 1
+    assert (results.loc[["line01", "line02"], "status"] == "succeeded").all()
