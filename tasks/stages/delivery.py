@@ -28,12 +28,22 @@ def output_uris(output_uri: str, item_id: str) -> tuple[str, str]:
 
 
 def published_sidecar(output_uri: str, item_id: str, render_key: str) -> dict[str, Any] | None:
-    """The sidecar of an item already published with this render key (its MP4 present), else None."""
+    """The sidecar of an item already published with this render key, else None.
+
+    The deliverable is read back and must match the sidecar's sha256: a damaged, truncated or replaced MP4 makes
+    the item unpublished, so the run publishes it again (from the verified cache) instead of calling it done.
+    """
     video_uri, sidecar_uri = output_uris(output_uri, item_id)
     if not storage.exists(sidecar_uri):
         return None
-    sidecar = json.loads(storage.read_bytes(sidecar_uri))
-    return sidecar if sidecar.get("render_key") == render_key and storage.exists(video_uri) else None
+    try:
+        sidecar = json.loads(storage.read_bytes(sidecar_uri))
+    except ValueError:
+        return None  # a damaged sidecar is no proof of anything
+    if not isinstance(sidecar, dict) or sidecar.get("render_key") != render_key or not storage.exists(video_uri):
+        return None
+    with storage.local_copy(video_uri, ".mp4") as path:
+        return sidecar if storage.sha256_file(path) == sidecar.get("sha256") else None
 
 
 def resolve(item: Item, cfg: PipelineConfig, graph: Graph, output_uri: str) -> Resolved:

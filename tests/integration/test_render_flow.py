@@ -110,3 +110,20 @@ def test_unknown_backend_fails_the_run_before_any_work(tmp_path, demo_dir):
     assert state.is_failed()
     assert "unknown backend 'sora'" in str(state.result(raise_on_failure=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_deliverable_is_published_again_on_the_next_run(tmp_path, inputs, write_manifest):
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "m.parquet", [("a", str(inputs / "face.png"), str(inputs / "hello.wav"))])
+    render_manifest(manifest, str(out), config=FAST)
+    video, sidecar = out / "videos" / "a.mp4", json.loads((out / "videos" / "a.json").read_text())
+    good = video.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)  # flipped bytes mid-stream
+    video.write_bytes(bytes(damaged))
+
+    render_manifest(manifest, str(out), config=FAST)
+    row = pd.read_parquet(out / "results.parquet").iloc[0]
+    assert row["status"] == "succeeded" and not row["cached_publish"], "the item was not taken as done"
+    assert video.read_bytes() == good and row["sha256"] == sidecar["sha256"]
+    assert row["cached_mux"], "republished from the verified cache, not rendered again"
