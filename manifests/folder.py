@@ -26,13 +26,18 @@ def manifest_for_folder(folder: Path, portrait: Path | None = None, prompt: str 
     portraits = [portrait] if portrait else [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not portraits:
         raise ValueError(f"{folder}: no portrait images found")
-    rows = []
+    rows, used = [], set()
     for clip in audio:
         matches = [p for p in portraits if clip.stem.startswith(p.stem)]
         chosen = max(matches, key=lambda p: len(p.stem)) if matches else (portraits[0] if len(portraits) == 1 else None)
         if chosen is None:
             raise ValueError(f"{clip}: no portrait whose name prefixes it; pass --portrait to use one for all")
-        rows.append({"item_id": _item_id(clip.stem), "portrait_uri": str(chosen.resolve()),
+        item_id, n = _item_id(clip.stem), 1
+        while item_id in used:  # two names that sanitise alike ("a b.wav", "a_b.wav") still get two ids
+            n += 1
+            item_id = f"{_item_id(clip.stem)[:120]}-{n}"
+        used.add(item_id)
+        rows.append({"item_id": item_id, "portrait_uri": str(chosen.resolve()),
                      "audio_uri": str(clip.resolve()), "prompt": prompt, "seed": 0})
     frame = pd.DataFrame(rows, columns=["item_id", "portrait_uri", "audio_uri", "prompt", "seed"])
     frame["prompt"] = frame["prompt"].astype("string")

@@ -7,6 +7,7 @@ pure, so it is tested without Prefect; the flow only gathers the outcomes.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -59,8 +60,18 @@ class ItemResult:
         for stage in stages:
             out[f"cached_{stage}"] = self.stage_cached.get(stage)
         for key, value in self.extra.items():
-            out[key if key not in out else f"manifest_{key}"] = value
+            name = key
+            while name in out:  # a manifest column never overwrites a results column or another manifest column
+                name = f"manifest_{name}"
+            out[name] = _storable(value)
         return out
+
+
+def _storable(value: Any) -> Any:
+    """A manifest value as Parquet can hold it in a results column: nested values (lists, maps, structs) as JSON."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return json.dumps(value, default=str, sort_keys=True)
+    return value
 
 
 def failed(result: ItemResult, stage: str, error_class: str, message: str, attempts: int = 1) -> ItemResult:

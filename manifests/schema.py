@@ -15,6 +15,7 @@ Two kinds of problems:
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -69,6 +70,13 @@ def read_manifest_table(uri: str) -> pa.Table:
     except AvatarError as exc:
         raise ManifestError(f"manifest {uri}: {exc}") from exc
     try:
+        names = pq.read_schema(io.BytesIO(data)).names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"manifest {uri}: not a readable Parquet file ({exc})") from exc
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ManifestError(f"manifest {uri}: column name(s) {repeated} appear more than once; make them unique")
+    try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {uri}: not a readable Parquet file ({exc})") from exc
@@ -97,14 +105,17 @@ def _manifest_dir(uri: str) -> str:
 
 
 def _optional_int(value: Any, name: str, item: str) -> int | None:
+    """An integer option: exact for int64 columns (seeds use the whole range), integral and finite for floats."""
     if value is None or pd.isna(value):
         return None
     lo, hi = OPTION_RANGES[name]
-    if float(value) != int(value):
-        raise InvalidParameter(f"{item}: {name}={value} is not an integer")
-    if not lo <= int(value) <= hi:
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidParameter(f"{item}: {name}={value} is not an integer")
+        value = int(value)
+    if not lo <= value <= hi:
         raise InvalidParameter(f"{item}: {name}={value} is outside [{lo}, {hi}]")
-    return int(value)
+    return value
 
 
 def _validate_row(index: int, record: dict[str, Any], base_dir: str, seen: dict[str, int]) -> ManifestRow:

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -102,3 +103,48 @@ def test_folder_manifest_pairs_audio_with_longest_prefix_portrait(tmp_path):
     with pytest.raises(ValueError, match="carol.wav"):
         manifest_for_folder(tmp_path)
 
+
+
+def _manifest_with(tmp_path, **columns) -> str:
+    base = {"item_id": ["a"], "portrait_uri": ["p.png"], "audio_uri": ["a.wav"]}
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({**base, **columns}), path)
+    return str(path)
+
+
+def test_numeric_options_are_finite_integers_in_range_and_seeds_use_all_of_int64(tmp_path):
+    for value in (math.inf, -math.inf, 1.5):
+        (row,) = load_manifest(_manifest_with(tmp_path, seed=pa.array([value])))
+        assert isinstance(row.error, InvalidParameter) and "not an integer" in str(row.error)
+    (row,) = load_manifest(_manifest_with(tmp_path, seed=pa.array([2**53 + 1], pa.int64())))
+    assert row.error is None and row.seed == 2**53 + 1
+    (row,) = load_manifest(_manifest_with(tmp_path, seed=pa.array([2**63 - 1], pa.int64())))
+    assert row.seed == 2**63 - 1
+
+
+def test_a_repeated_column_name_is_one_plain_message(tmp_path):
+    path = tmp_path / "dup.parquet"
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["p.png"]), pa.array(["a.wav"]), pa.array(["x"])],
+                                 names=["item_id", "portrait_uri", "audio_uri", "item_id"])
+    pq.write_table(table, path)
+    with pytest.raises(ManifestError, match=r"column name\(s\) \['item_id'\] appear more than once"):
+        load_manifest(str(path))
+
+
+def test_extra_columns_of_any_type_reach_the_results_and_never_overwrite_each_other(tmp_path):
+    notes = pa.array([[("take", "2")]], pa.map_(pa.string(), pa.string()))
+    (row,) = load_manifest(_manifest_with(tmp_path, notes=notes, status=pa.array(["draft"]),
+                                          manifest_status=pa.array(["kept"])))
+    result = ItemResult(row=0, item_id="a", status="succeeded", backend="preview", extra=row.extra)
+    write_results([result], str(tmp_path / "results.parquet"), ("mux",))
+    back = pd.read_parquet(tmp_path / "results.parquet")
+    assert back.loc[0, "status"] == "succeeded"
+    assert back.loc[0, "manifest_status"] == "draft" and back.loc[0, "manifest_manifest_status"] == "kept"
+    assert "take" in back.loc[0, "notes"]
+
+
+def test_folder_manifest_gives_names_that_sanitise_alike_distinct_ids(tmp_path):
+    for name in ["alice.png", "alice line.wav", "alice_line.wav", "alice?line.wav"]:
+        (tmp_path / name).write_bytes(b"x")
+    ids = manifest_for_folder(tmp_path)["item_id"].tolist()
+    assert len(set(ids)) == 3 and "alice_line" in ids
