@@ -145,6 +145,21 @@ def mux_audio(
         raise EncoderError(f"{Path(out_path).name}: muxing audio failed: {stderr_tail(result.stderr)}")
 
 
+def decode_errors(path: str | Path, timeout_s: float) -> str:
+    """What ffmpeg reports while decoding every frame and sample of ``path``; empty when it decodes cleanly.
+
+    Counting packets proves a file's structure, not its content: a damaged stream still demuxes.
+    """
+    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-i", str(path), "-f", "null", "-"]
+    try:
+        result = subprocess.run(command, capture_output=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise TransientError(f"{Path(path).name}: decoding check timed out after {timeout_s} s") from exc
+    if result.returncode != 0 or result.stderr.strip():
+        return stderr_tail(result.stderr) or f"ffmpeg exited with {result.returncode}"
+    return ""
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     """What an MP4 holds, as read back by PyAV (used to check outputs, not to trust our own arguments)."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from avatar_model.media.video import mux_audio, probe
+from avatar_model.media.video import decode_errors, mux_audio, probe
 from common import storage
 from common.errors import EncoderError
 from common.ids import check_item_id
@@ -59,7 +59,7 @@ def resolve(item: Item, cfg: PipelineConfig, graph: Graph, output_uri: str) -> R
 
 
 def mux(call: StageCall) -> MuxedRef:
-    """Add AAC audio trimmed/padded to the frame count, then verify streams, frame count and sync."""
+    """Add AAC audio trimmed/padded to the frame count, then verify streams, frame count, sync and a clean decode."""
     silent, audio, video = call.input(SilentVideoRef), call.input(AudioRef), call.cfg.video
     n_frames = silent.n_frames
     with artifacts.fetch(silent, call.cache_uri, ".mp4") as silent_path, \
@@ -74,6 +74,9 @@ def mux(call: StageCall) -> MuxedRef:
                 f"muxed file out of spec: {info.video_frames} frames (want {n_frames}), "
                 f"audio {info.audio_duration_s:.3f}s vs video {video_s:.3f}s"
             )
+        errors = decode_errors(local, video.ffmpeg_timeout_s)
+        if errors:
+            raise EncoderError(f"muxed file does not decode cleanly: {errors}")
         uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
     return MuxedRef(key=call.key, uri=uri, sha256=sha256, n_frames=n_frames, video_seconds=video_s,
                     audio_seconds=info.audio_duration_s)

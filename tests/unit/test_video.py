@@ -4,7 +4,7 @@ import pytest
 from avatar_model.config import VideoConfig
 from common.errors import EncoderError, TransientError
 from avatar_model.media.audio import write_wav
-from avatar_model.media.video import VideoEncoder, frame_count, mux_audio, probe
+from avatar_model.media.video import VideoEncoder, decode_errors, frame_count, mux_audio, probe
 
 WIDTH, HEIGHT, N_FRAMES = 64, 48, 30
 CONFIG = VideoConfig(fps=25, chunk_frames=8)
@@ -101,3 +101,18 @@ def test_mux_that_overruns_its_timeout_is_killed_and_transient(tmp_path, silent_
     with pytest.raises(TransientError, match="timed out"):
         mux_audio(silent_video, tmp_path / "speech.wav", out, N_FRAMES, impatient)
     assert not out.exists()
+
+
+def test_decode_errors_finds_damage_that_demuxing_does_not(tmp_path, silent_video):
+    wav = tmp_path / "a.wav"
+    write_wav(wav, (0.3 * np.sin(np.linspace(0, 900, 48000))).astype(np.float32), 48000)
+    good = tmp_path / "good.mp4"
+    mux_audio(silent_video, wav, good, 25, VideoConfig())
+    assert decode_errors(good, 60) == ""
+    data = bytearray(good.read_bytes())
+    for offset in range(len(data) // 4, len(data) - 256, len(data) // 8):
+        data[offset : offset + 128] = bytes(128)  # zeroed runs through the media data
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    assert probe(bad).video_frames == probe(good).video_frames, "the damage is invisible to a packet count"
+    assert decode_errors(bad, 60)
