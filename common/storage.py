@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -99,6 +101,9 @@ def local_copy(uri: str, suffix: str = "") -> Iterator[Path]:
 
 
 PARTIAL_DIR = ".partial"
+# staging files are named <final name>.<host>-<pid>.<random>: a leftover of a writer that died can be told apart
+# from one that is still copying
+_WRITER = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 
 
 def publish_file(local_path: str | os.PathLike, uri: str) -> None:
@@ -136,14 +141,41 @@ def _staging_file(staging: Path, name: str) -> Path:
     """Create an empty private file in the staging folder, re-creating the folder if another writer just
     removed it (writers remove it when they leave it empty)."""
     for _ in range(10):
-        staging.mkdir(parents=True, exist_ok=True)
-        tmp = staging / f"{name}.{uuid.uuid4().hex}"
+        tmp = staging / f"{name}.{_WRITER}-{os.getpid()}.{uuid.uuid4().hex}"
         try:
+            staging.mkdir(parents=True, exist_ok=True)
             tmp.touch(exist_ok=False)
             return tmp
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):  # the folder vanished between the two steps: again
             continue
     raise TransientError(f"{staging}: could not create a staging file")
+
+
+def sweep_staging(folder_uri: str) -> int:
+    """Remove the staging files that writers on this host left behind when they died (local folders only);
+    return how many. Files of writers still alive, and of other hosts, are left alone."""
+    if not is_local(folder_uri):
+        return 0  # object stores have no staging files: a PUT is invisible until complete
+    staging = Path(filesystem(folder_uri)[1]) / PARTIAL_DIR
+    removed = 0
+    for leftover in staging.glob(f"*.{_WRITER}-*.*") if staging.is_dir() else ():
+        pid = leftover.name.rsplit(".", 2)[-2].rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    with contextlib.suppress(OSError):
+        staging.rmdir()
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish_bytes(data: bytes, uri: str) -> None:

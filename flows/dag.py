@@ -74,6 +74,7 @@ class ManifestRender:
                  log: Callable[[ItemResult], None]):
         self.cfg, self.graph, self.output_uri = cfg, GRAPHS[cfg.backend], output_uri
         self.cache_uri = cfg.cache_uri or storage.join(output_uri, ".cache")
+        storage.sweep_staging(storage.join(output_uri, "videos"))  # what a killed run left half-copied
         slot = slot_for(cfg)
         if slot:
             ensure_slot(slot)

@@ -60,3 +60,4 @@ def test_sigkill_mid_run_then_rerun_finishes_only_the_rest(tmp_path, demo_dir, p
     rendered_again = results[results["seconds_render"] > 0].index
     assert set(rendered_again).isdisjoint(finished) and len(rendered_again) >= 1
     assert sorted(p.name for p in videos.glob("*.mp4")) == sorted(f"line-{i}.mp4" for i in range(ITEMS))
+    assert not (videos / ".partial").exists(), "the rerun swept what the killed run left half-copied"
