@@ -28,6 +28,14 @@ class ObjectNotFound(InputError):
     pass
 
 
+class NotARegularFile(InputError):
+    """A device, FIFO, socket or folder named as an input: refused before anything is read from it."""
+
+
+class InputTooLarge(InputError):
+    """An input over the run's byte limit: refused before it is read."""
+
+
 class UndecodableImage(InputError):
     pass
 

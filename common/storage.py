@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import socket
 import tempfile
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import ObjectNotFound, TransientError
+from .errors import AvatarError, InputTooLarge, NotARegularFile, ObjectNotFound, TransientError
 
 _CHUNK = 1 << 20
 
@@ -62,6 +63,27 @@ def read_bytes(uri: str) -> bytes:
     except Exception as exc:  # noqa: BLE001 - mapped to our error classes, others re-raised
         _reraise_storage(uri, exc)
         raise
+
+
+def read_input(uri: str, max_bytes: int) -> bytes:
+    """An input's bytes, refused before reading when it is not a regular file or is over ``max_bytes``."""
+    fs, path = filesystem(uri)
+    try:
+        if is_local(uri):
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFile(f"{uri}: not a regular file (a device, FIFO, socket or folder); name a file")
+            size = info.st_size
+        else:
+            size = fs.size(path)
+    except AvatarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to our error classes, others re-raised
+        _reraise_storage(uri, exc)
+        raise
+    if size is not None and size > max_bytes:
+        raise InputTooLarge(f"{uri}: {size} bytes is over this run's limit of {max_bytes} bytes for this input")
+    return read_bytes(uri)
 
 
 def exists(uri: str) -> bool:

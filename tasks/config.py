@@ -20,6 +20,15 @@ class RetryConfig(BaseModel):
         return [self.base_delay_seconds * 2**i for i in range(max(self.retries, 1))]
 
 
+class InputLimits(BaseModel):
+    """Inputs larger than these are refused before they are read (generous: far above any real portrait or line)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    portrait_bytes: int = Field(64 * 2**20, ge=1)
+    audio_bytes: int = Field(1 * 2**30, ge=1)
+
+
 class PipelineConfig(BaseModel):
     """Every knob of a run. Storage credentials are not here: s3fs reads the standard AWS_* variables."""
 
@@ -35,6 +44,7 @@ class PipelineConfig(BaseModel):
     preview: PreviewConfig = PreviewConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     retry: RetryConfig = RetryConfig()
+    limits: InputLimits = InputLimits()
 
     def model_post_init(self, __context: object) -> None:
         from .graph import BACKENDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 
 from avatar_model.media.video import probe
 from flows.render_manifest import ItemsFailed, render_manifest
-from tasks.config import PipelineConfig, RetryConfig
+from tasks.config import InputLimits, PipelineConfig, RetryConfig
 from tasks.graph import GRAPHS
 
 FAST = PipelineConfig(retry=RetryConfig(retries=2, base_delay_seconds=0.05))
@@ -127,3 +128,26 @@ def test_a_damaged_deliverable_is_published_again_on_the_next_run(tmp_path, inpu
     assert row["status"] == "succeeded" and not row["cached_publish"], "the item was not taken as done"
     assert video.read_bytes() == good and row["sha256"] == sidecar["sha256"]
     assert row["cached_mux"], "republished from the verified cache, not rendered again"
+
+
+def test_devices_fifos_folders_and_oversized_inputs_are_refused_before_reading(tmp_path, inputs, write_manifest):
+    fifo = tmp_path / "portrait.fifo"
+    os.mkfifo(fifo)  # reading it would block forever
+    big = tmp_path / "big.png"
+    big.write_bytes((inputs / "face.png").read_bytes() + bytes(4096))
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        ("fifo", str(fifo), str(inputs / "hello.wav")),
+        ("device", str(inputs / "face.png"), "/dev/zero"),
+        ("folder", str(inputs), str(inputs / "hello.wav")),
+        ("too-big", str(big), str(inputs / "hello.wav")),
+        ("fine", str(inputs / "face.png"), str(inputs / "hello.wav")),
+    ])
+    limits = FAST.model_copy(update={"limits": InputLimits(portrait_bytes=(inputs / "face.png").stat().st_size)})
+    with pytest.raises(ItemsFailed, match="4 of 5"):
+        render_manifest(manifest, str(tmp_path / "out"), config=limits)
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("item_id")
+    assert results.loc[["fifo", "device", "folder"], "error_class"].tolist() == ["NotARegularFile"] * 3
+    assert results.loc["too-big", "error_class"] == "InputTooLarge" and "limit" in results.loc["too-big",
+                                                                                               "error_message"]
+    assert (results.loc[["fifo", "device", "folder", "too-big"], "attempts"] == 1).all()
+    assert results.loc["fine", "status"] == "succeeded"
