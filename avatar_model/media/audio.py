@@ -42,12 +42,20 @@ def stderr_tail(stderr: bytes | str) -> str:
     return text[-STDERR_TAIL_CHARS:] if text else "(no output from ffmpeg)"
 
 
+# ffmpeg demuxers of real audio and video containers (mov covers mp4/m4a, matroska covers webm, asf covers wma)
+AUDIO_CONTAINERS = ("wav", "w64", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf", "asf", "au", "wv",
+                    "ac3", "eac3", "amr", "dts")
+
+
 def decode_audio(path: str | Path, sample_rate: int, name: str = "audio", timeout_s: float | None = None) -> np.ndarray:
     """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sample_rate``.
 
     A decode still running after ``timeout_s`` is killed and raises `TransientError` (worth a retry).
     """
-    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0"]
+    # exactly the one local file, through a real audio/video container: a playlist or concat "audio" file would
+    # make ffmpeg read other files no manifest names
+    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-protocol_whitelist", "file",
+               "-format_whitelist", ",".join(AUDIO_CONTAINERS), "-i", str(path), "-map", "0:a:0"]
     command += ["-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
     try:
         result = subprocess.run(command, capture_output=True, check=False, timeout=timeout_s)

@@ -118,3 +118,18 @@ def test_decode_that_overruns_its_timeout_is_transient(tmp_path):
     write_wav(tmp_path / "a.wav", tone(2.0), SR)
     with pytest.raises(TransientError, match="clip-7: decoding audio timed out"):
         decode_audio(tmp_path / "a.wav", SR, name="clip-7", timeout_s=1e-4)
+
+
+@pytest.mark.parametrize("playlist", [
+    "ffconcat version 1.0\nfile '{target}'\n",
+    "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1.0,\n{target}\n#EXT-X-ENDLIST\n",
+])
+def test_a_playlist_posing_as_audio_is_refused_without_reading_what_it_names(tmp_path, playlist):
+    target = tmp_path / "someone_elses.wav"
+    write_wav(target, (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    fake = tmp_path / "line.wav"
+    fake.write_text(playlist.format(target=target))
+    before = target.stat().st_atime_ns
+    with pytest.raises(UndecodableAudio, match="cannot decode audio"):
+        decode_audio(fake, 16000, name="line.wav")
+    assert target.stat().st_atime_ns == before
