@@ -32,6 +32,10 @@ class NotARegularFile(InputError):
     """A device, FIFO, socket or folder named as an input: refused before anything is read from it."""
 
 
+class InputNotAllowed(InputError):
+    """An input from a place this run may not read (an http(s) host that is not allowed)."""
+
+
 class InputTooLarge(InputError):
     """An input over the run's byte limit: refused before it is read."""
 

@@ -11,17 +11,25 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import socket
+import stat
 import tempfile
+import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import AvatarError, InputTooLarge, NotARegularFile, ObjectNotFound, TransientError
+from .errors import (
+    AvatarError,
+    InputNotAllowed,
+    InputTooLarge,
+    NotARegularFile,
+    ObjectNotFound,
+    TransientError,
+)
 
 _CHUNK = 1 << 20
 
@@ -65,8 +73,17 @@ def read_bytes(uri: str) -> bytes:
         raise
 
 
-def read_input(uri: str, max_bytes: int) -> bytes:
-    """An input's bytes, refused before reading when it is not a regular file or is over ``max_bytes``."""
+def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> bytes:
+    """An input's bytes, refused before reading when it is not a regular file or is over ``max_bytes``.
+
+    ``http(s)://`` inputs are read only from the hosts in ``http_hosts`` (none by default).
+    """
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() in ("http", "https"):
+        host = urllib.parse.urlsplit(uri).hostname or ""
+        if host.lower() not in {h.lower() for h in http_hosts}:
+            raise InputNotAllowed(f"{uri}: http(s) inputs are read only from allowed hosts (limits.http_hosts); "
+                                  f"{host or 'this URI'} is not one")
     fs, path = filesystem(uri)
     try:
         if is_local(uri):

@@ -27,6 +27,7 @@ class InputLimits(BaseModel):
 
     portrait_bytes: int = Field(64 * 2**20, ge=1)
     audio_bytes: int = Field(1 * 2**30, ge=1)
+    http_hosts: tuple[str, ...] = Field((), description="hosts http(s) inputs may come from; none by default")
 
 
 class PipelineConfig(BaseModel):

@@ -50,8 +50,10 @@ def resolve(item: Item, cfg: PipelineConfig, graph: Graph, output_uri: str) -> R
     """Hash both inputs (bytes, not URIs), derive every stage key, and look for an output made with them."""
     from ..graph import item_keys
 
-    portrait_sha256 = storage.sha256_bytes(storage.read_input(item.portrait_uri, cfg.limits.portrait_bytes))
-    audio_sha256 = storage.sha256_bytes(storage.read_input(item.audio_uri, cfg.limits.audio_bytes))
+    limits = cfg.limits
+    portrait_sha256 = storage.sha256_bytes(storage.read_input(item.portrait_uri, limits.portrait_bytes,
+                                                              limits.http_hosts))
+    audio_sha256 = storage.sha256_bytes(storage.read_input(item.audio_uri, limits.audio_bytes, limits.http_hosts))
     keys = item_keys(graph, cfg, item, portrait_sha256, audio_sha256)
     render_key = keys[graph.names[-1]]
     return Resolved(portrait_sha256=portrait_sha256, audio_sha256=audio_sha256, stage_keys=keys, render_key=render_key,

@@ -19,7 +19,14 @@ from common.errors import FaceNotFound
 
 from ..memory import with_memory_ladder
 from ..models import pipeline_inputs
-from ..refs import AudioFeaturesRef, AudioRef, LatentsRef, PortraitRef, SilentVideoRef, TensorsRef
+from ..refs import (
+    AudioFeaturesRef,
+    AudioRef,
+    LatentsRef,
+    PortraitRef,
+    SilentVideoRef,
+    TensorsRef,
+)
 from . import artifacts
 from .inputs import bucketed_portrait, load_portrait
 from .preview import encode_silent

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from ..graph import StageCall
 
 
-def read_hashed_input(uri: str, sha256: str, max_bytes: int) -> bytes:
+def read_hashed_input(call: StageCall, uri: str, sha256: str, max_bytes: int) -> bytes:
     """The input's bytes, which must still be the bytes `resolve` hashed into the item's keys."""
-    data = storage.read_input(uri, max_bytes)
+    data = storage.read_input(uri, max_bytes, call.cfg.limits.http_hosts)
     if storage.sha256_bytes(data) != sha256:
         raise TransientError(f"{uri} changed while the run was reading it")
     return data
@@ -35,7 +35,7 @@ def read_hashed_input(uri: str, sha256: str, max_bytes: int) -> bytes:
 def bucketed_portrait(call: StageCall, locate: Callable[[np.ndarray], FaceBox]) -> PortraitRef:
     """Decode and bucket the portrait, find its face with ``locate``, and cache the bucketed PNG."""
     item = call.item
-    data = read_hashed_input(item.portrait_uri, call.resolved.portrait_sha256, call.cfg.limits.portrait_bytes)
+    data = read_hashed_input(call, item.portrait_uri, call.resolved.portrait_sha256, call.cfg.limits.portrait_bytes)
     image = resize_to_bucket(load_image(data, name=item.portrait_uri), call.cfg.video.short_side)
     face = locate(image)
     with tempfile.TemporaryDirectory(prefix="avatar-portrait-") as tmp:
@@ -57,7 +57,7 @@ def prepare_audio(call: StageCall) -> AudioRef:
     rate = cfg.video.audio_sample_rate
     with tempfile.TemporaryDirectory(prefix="avatar-audio-") as tmp:
         source = Path(tmp) / f"source{Path(item.audio_uri).suffix}"
-        source.write_bytes(read_hashed_input(item.audio_uri, call.resolved.audio_sha256, cfg.limits.audio_bytes))
+        source.write_bytes(read_hashed_input(call, item.audio_uri, call.resolved.audio_sha256, cfg.limits.audio_bytes))
         samples = decode_audio(source, rate, name=item.audio_uri, timeout_s=cfg.audio.decode_timeout_s)
         duration = check_speech(samples, rate, cfg.audio, name=item.audio_uri)
         local = Path(tmp) / "audio.wav"

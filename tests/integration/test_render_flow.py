@@ -151,3 +151,33 @@ def test_devices_fifos_folders_and_oversized_inputs_are_refused_before_reading(t
                                                                                                "error_message"]
     assert (results.loc[["fifo", "device", "folder", "too-big"], "attempts"] == 1).all()
     assert results.loc["fine", "status"] == "succeeded"
+
+
+def test_http_inputs_are_read_only_from_allowed_hosts(tmp_path, inputs, write_manifest):
+    import functools
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):  # the server's access log, kept for the assertions
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(inputs)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/face.png"
+        manifest = write_manifest(tmp_path / "m.parquet", [("web", url, str(inputs / "hello.wav"))])
+        with pytest.raises(ItemsFailed):
+            render_manifest(manifest, str(tmp_path / "out"), config=FAST)
+        row = pd.read_parquet(tmp_path / "out" / "results.parquet").iloc[0]
+        assert (row["error_class"], row["attempts"]) == ("InputNotAllowed", 1) and requests == []
+
+        allowed = FAST.model_copy(update={"limits": InputLimits(http_hosts=("127.0.0.1",))})
+        render_manifest(manifest, str(tmp_path / "out"), config=allowed)
+        assert pd.read_parquet(tmp_path / "out" / "results.parquet").iloc[0]["status"] == "succeeded"
+        assert any(path == "/face.png" for path in requests)
+    finally:
+        server.shutdown()
