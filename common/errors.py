@@ -64,6 +64,10 @@ class InvalidParameter(InputError):
     pass
 
 
+class UnsafeOutputPath(AvatarError):
+    """An output folder that is a symbolic link: writing through it could land outside the output prefix."""
+
+
 class ConfigurationError(AvatarError):
     """The run's settings or environment cannot work (unknown backend, a wrong fps, missing weights): nothing runs."""
 

@@ -29,6 +29,7 @@ from .errors import (
     NotARegularFile,
     ObjectNotFound,
     TransientError,
+    UnsafeOutputPath,
 )
 
 _CHUNK = 1 << 20
@@ -158,6 +159,9 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
         if is_local(uri):
             dest = Path(path)
             staging = dest.parent / PARTIAL_DIR
+            for folder in (dest.parent, staging):
+                if folder.is_symlink():  # it could lead anywhere outside the output prefix
+                    raise UnsafeOutputPath(f"{uri}: {folder} is a symbolic link; outputs are never written through one")
             tmp = _staging_file(staging, dest.name)
             try:
                 with open(local_path, "rb") as src, open(tmp, "wb") as dst:

@@ -181,3 +181,17 @@ def test_http_inputs_are_read_only_from_allowed_hosts(tmp_path, inputs, write_ma
         assert any(path == "/face.png" for path in requests)
     finally:
         server.shutdown()
+
+
+def test_a_symlinked_videos_folder_is_refused_and_nothing_lands_outside(tmp_path, inputs, write_manifest):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "videos").symlink_to(outside, target_is_directory=True)
+    manifest = write_manifest(tmp_path / "m.parquet", [("a", str(inputs / "face.png"), str(inputs / "hello.wav"))])
+    with pytest.raises(ItemsFailed):
+        render_manifest(manifest, str(out), config=FAST)
+    row = pd.read_parquet(out / "results.parquet").iloc[0]
+    assert (row["failed_stage"], row["error_class"], row["attempts"]) == ("publish", "UnsafeOutputPath", 1)
+    assert list(outside.iterdir()) == []
