@@ -40,7 +40,7 @@ def test_sweep_removes_only_what_dead_writers_left(tmp_path):
     (staging / f"a.mp4.{host}-{dead.stdout.strip()}.0123").write_bytes(b"half")
     alive = staging / f"b.mp4.{host}-{os.getpid()}.4567"
     alive.write_bytes(b"copying")
-    other_host = staging / f"c.mp4.elsewhere-1.89ab"
+    other_host = staging / "c.mp4.elsewhere-1.89ab"
     other_host.write_bytes(b"not ours to judge")
     assert storage.sweep_staging(str(tmp_path / "videos")) == 1
     assert sorted(p.name for p in staging.iterdir()) == sorted([alive.name, other_host.name])
