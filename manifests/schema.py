@@ -96,7 +96,17 @@ def _resolve(base_dir: str, uri: str) -> str:
     if "://" in uri or os.path.isabs(uri):
         return uri
     if "://" in base_dir:
-        return storage.join(base_dir, uri)
+        # URL semantics for every scheme: "../" climbs within the bucket, never above it
+        scheme, _, path = storage.join(base_dir, uri).partition("://")
+        bucket, _, key = path.partition("/")
+        parts: list[str] = []
+        for part in key.split("/"):
+            if part == "..":
+                if parts:
+                    parts.pop()
+            elif part not in ("", "."):
+                parts.append(part)
+        return f"{scheme}://{bucket}/{'/'.join(parts)}"
     return os.path.abspath(os.path.join(base_dir, uri))
 
 

@@ -148,3 +148,12 @@ def test_folder_manifest_gives_names_that_sanitise_alike_distinct_ids(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     ids = manifest_for_folder(tmp_path)["item_id"].tolist()
     assert len(set(ids)) == 3 and "alice_line" in ids
+
+
+def test_relative_uris_of_an_object_store_manifest_resolve_with_url_semantics():
+    from manifests.schema import _resolve
+
+    assert _resolve("s3://studio/manifests/2026", "../portraits/alice.png") == "s3://studio/manifests/portraits/alice.png"
+    assert _resolve("s3://studio/m", "./a/./b.wav") == "s3://studio/m/a/b.wav"
+    assert _resolve("s3://studio/m", "../../../../x.wav") == "s3://studio/x.wav", "never above the bucket"
+    assert _resolve("s3://studio/m", "s3://other/y.wav") == "s3://other/y.wav"
