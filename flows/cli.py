@@ -172,6 +172,9 @@ def main() -> None:
         app()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None:  # send the run's last log lines while the (temporary) API is still up
+        handlers.APILogWorker.drain_all(timeout=5)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
