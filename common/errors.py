@@ -64,6 +64,11 @@ class InvalidParameter(InputError):
     pass
 
 
+class AccessDenied(AvatarError):
+    """Storage refused an operation (permission denied, wrong credentials, a read-only file system): a retry
+    cannot help until someone changes the permissions, so it fails at once, naming the URI and the operation."""
+
+
 class UnsafeOutputPath(AvatarError):
     """An output folder that is a symbolic link: writing through it could land outside the output prefix."""
 

@@ -6,7 +6,9 @@ Credentials and endpoints are never passed through here: s3fs/botocore read them
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -14,6 +16,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import urllib.parse
 import uuid
 from collections.abc import Collection, Iterator
@@ -23,6 +26,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import (
+    AccessDenied,
     AvatarError,
     InputNotAllowed,
     InputTooLarge,
@@ -53,15 +57,20 @@ def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
-def _reraise_storage(uri: str, exc: BaseException) -> None:
+def _reraise_storage(uri: str, exc: BaseException, operation: str = "read") -> None:
+    """Map a storage exception to our classes: absent → `ObjectNotFound`, refused → `AccessDenied` (both
+    permanent), anything else an OS or network fault → `TransientError`. Messages name the URI and the operation."""
     if isinstance(exc, FileNotFoundError):
         raise ObjectNotFound(f"{uri}: object not found") from exc
     if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
         raise ObjectNotFound(f"{uri}: not a file") from exc
     if isinstance(exc, PermissionError):
-        raise ObjectNotFound(f"{uri}: permission denied") from exc
+        raise AccessDenied(f"{uri}: {operation} refused: permission denied ({exc}); check the credentials and "
+                           "the permissions of this location") from exc
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        raise AccessDenied(f"{uri}: {operation} refused: read-only file system") from exc
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        raise TransientError(f"{uri}: storage error: {exc}") from exc
+        raise TransientError(f"{uri}: storage error during {operation}: {exc}") from exc
 
 
 def read_bytes(uri: str) -> bytes:
@@ -74,13 +83,10 @@ def read_bytes(uri: str) -> bytes:
         raise
 
 
-def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> bytes:
-    """An input's bytes, refused before reading when it is not a regular file or is over ``max_bytes``.
-
-    ``http(s)://`` inputs are read only from the hosts in ``http_hosts`` (none by default).
-    """
-    scheme, _, rest = uri.partition("://")
-    if scheme.lower() in ("http", "https"):
+def check_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> tuple[object, ...]:
+    """Refuse an input before reading it: an http(s) host not in ``http_hosts`` (none by default), anything but a
+    regular file, more than ``max_bytes``. Returns the object's identity (size and version stamp)."""
+    if uri.partition("://")[0].lower() in ("http", "https"):
         host = urllib.parse.urlsplit(uri).hostname or ""
         if host.lower() not in {h.lower() for h in http_hosts}:
             raise InputNotAllowed(f"{uri}: http(s) inputs are read only from allowed hosts (limits.http_hosts); "
@@ -91,9 +97,13 @@ def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> by
             info = os.stat(path)
             if not stat.S_ISREG(info.st_mode):
                 raise NotARegularFile(f"{uri}: not a regular file (a device, FIFO, socket or folder); name a file")
-            size = info.st_size
+            size, stamp = info.st_size, (info.st_mtime_ns, info.st_ino)
         else:
-            size = fs.size(path)
+            details = fs.info(path)
+            if details.get("type") == "directory":
+                raise NotARegularFile(f"{uri}: a folder, not an object; name a file")
+            size = details.get("size")
+            stamp = details.get("ETag") or details.get("LastModified") or details.get("mtime")
     except AvatarError:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to our error classes, others re-raised
@@ -101,7 +111,68 @@ def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> by
         raise
     if size is not None and size > max_bytes:
         raise InputTooLarge(f"{uri}: {size} bytes is over this run's limit of {max_bytes} bytes for this input")
-    return read_bytes(uri)
+    return size, str(stamp)
+
+
+def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> bytes:
+    """An input's bytes, after `check_input`; never more than ``max_bytes`` even if the object grows meanwhile."""
+    check_input(uri, max_bytes, http_hosts)
+    data = read_bytes(uri)
+    if len(data) > max_bytes:
+        raise InputTooLarge(f"{uri}: grew past this run's limit of {max_bytes} bytes while it was read")
+    return data
+
+
+def sha256_input(uri: str, max_bytes: int) -> str:
+    """sha256 of an input streamed in blocks (memory stays flat in its size), stopping past ``max_bytes``."""
+    fs, path = filesystem(uri)
+    h, seen = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(_CHUNK), b""):
+                seen += len(block)
+                if seen > max_bytes:
+                    raise InputTooLarge(f"{uri}: grew past this run's limit of {max_bytes} bytes while it was read")
+                h.update(block)
+    except AvatarError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _reraise_storage(uri, exc)
+        raise
+    return h.hexdigest()
+
+
+class InputDigests:
+    """The sha256 of every input of one run, each read once however many rows name it.
+
+    Keyed on the URI and the object's size and version stamp, so an input replaced during the run is hashed
+    again. Rows asking for an input being hashed wait for that one read; a failed read is not remembered.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digests: dict[tuple[object, ...], concurrent.futures.Future[str]] = {}
+
+    def sha256(self, uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> str:
+        identity = (uri, *check_input(uri, max_bytes, http_hosts))
+        with self._lock:
+            pending = self._digests.get(identity)
+            if pending is None:
+                pending = self._digests[identity] = concurrent.futures.Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            digest = sha256_input(uri, max_bytes)
+        except BaseException as exc:
+            with self._lock:
+                del self._digests[identity]
+            pending.set_exception(exc)
+            raise
+        pending.set_result(digest)
+        return digest
 
 
 def exists(uri: str) -> bool:
@@ -176,7 +247,7 @@ def publish_file(local_path: str | os.PathLike, uri: str) -> None:
         else:
             fs.put_file(str(local_path), path)
     except Exception as exc:  # noqa: BLE001
-        _reraise_storage(uri, exc)
+        _reraise_storage(uri, exc, "write")
         raise
 
 
@@ -239,5 +310,5 @@ def remove(uri: str) -> None:
     except FileNotFoundError:
         pass
     except Exception as exc:  # noqa: BLE001
-        _reraise_storage(uri, exc)
+        _reraise_storage(uri, exc, "delete")
         raise

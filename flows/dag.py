@@ -1,19 +1,22 @@
 """Walking a backend's stage graph for the rows of one manifest inside a flow run.
 
-Every row is resolved first (its inputs hashed, every key derived, a finished output found). The rest are
-rendered either item by item with every model resident (``memory="resident"``: each item's stages are submitted
-as soon as it resolves, Prefect starting a stage when its inputs are done) or stage by stage
-(``memory="stage-major"``: all items' first stage, then all items' next one, each model released after the last
-stage that uses it, so LLaVA and the DiT never share a GPU). Outcomes are folded into results by
-`manifests.fold_item`.
+Each row is resolved (its inputs hashed, every key derived, a finished output found), then rendered either with
+every model resident (``memory="resident"``: its stages submitted as soon as it resolves) or stage by stage
+(``memory="stage-major"``, a window of items at a time). Rows enter through a bounded window of items in flight.
+Outcomes are folded into results by `manifests.fold_item`; an item that failed on a stale cached input is
+submitted once more, after that input's record was dropped.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.utilities.annotations import allow_failure
@@ -26,6 +29,9 @@ from tasks.graph import ALL_STAGES, GRAPHS, Item
 from tasks.models import process_models
 from tasks.render import Job, StageFailed, resolve_task, stage_tasks
 from tasks.stages.delivery import output_uris
+
+
+SHARED_KEYS_PER_ITEM = 8  # cached stage futures kept for reuse, per item of the window
 
 
 class ItemsFailed(RuntimeError):
@@ -59,16 +65,26 @@ def outcome(future: PrefectFuture, shared: bool = False) -> StageOutcome:
     return StageOutcome("failed", error_class=state.name, error_message=state.message or str(exc), attempts=1)
 
 
+# failures whose cause is a cached input that cannot be trusted: that input's record is dropped, and the item is
+# submitted once more so the stage that made it runs again
+REPAIRABLE = frozenset({"StaleArtifact", "EncoderError"})
+
+
 @dataclass
 class ItemRun:
     row: ManifestRow
     job: Job
+    repair: bool = False  # the second submission, after a stale input was dropped
     futures: dict[str, PrefectFuture] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)  # stages whose run another item of this manifest owns
 
 
 class ManifestRender:
-    """The rows of one manifest through one backend's graph; results reach ``on_item`` as each item ends."""
+    """The rows of one manifest through one backend's graph; results reach ``on_item`` as each item ends.
+
+    At most ``cfg.window`` items are in flight (resolving or rendering), so a manifest of any length starts
+    rendering at once and holds only a window of futures; each input is hashed once per run (`InputDigests`).
+    """
 
     def __init__(self, cfg: PipelineConfig, output_uri: str, on_item: Callable[[ItemResult], None] | None,
                  log: Callable[[ItemResult], None]):
@@ -80,8 +96,11 @@ class ManifestRender:
             ensure_slot(slot)
         self.tasks, self.resolve = stage_tasks(self.graph, cfg, self.cache_uri, slot), resolve_task(cfg)
         self.callbacks = [log] + ([on_item] if on_item else [])
+        self.digests = storage.InputDigests()
         self.results: list[ItemResult] = []
-        self.by_key: dict[str, PrefectFuture] = {}  # one run per stage key: lines of one portrait share its encodes
+        # one run per stage key (lines of one portrait share its encodes); the most recently used keys only,
+        # an older one is found again through its cache record
+        self.by_key: OrderedDict[str, PrefectFuture] = OrderedDict()
         self.last_gpu: PrefectFuture | None = None
 
     def finish(self, item: ItemResult) -> None:
@@ -96,7 +115,8 @@ class ManifestRender:
     def submit(self, run: ItemRun, stage_name: str) -> None:
         """Submit one stage of one item, or reuse the run of an earlier item with the same key (cached stages)."""
         stage, key = self.graph.stage(stage_name), run.job.resolved.stage_keys[stage_name]
-        if stage.cached and key in self.by_key:
+        if stage.cached and key in self.by_key and not run.repair:
+            self.by_key.move_to_end(key)
             run.futures[stage.name] = self.by_key[key]
             run.shared.add(stage.name)
             return
@@ -110,50 +130,100 @@ class ManifestRender:
             self.last_gpu = future
         if stage.cached:
             self.by_key[key] = future
+            self.by_key.move_to_end(key)
+            while len(self.by_key) > SHARED_KEYS_PER_ITEM * self.cfg.window:
+                self.by_key.popitem(last=False)
 
     def render(self, rows: list[ManifestRow]) -> None:
+        valid = []
         for row in rows:
             if row.error is not None:
                 self.finish(failed(self.base(row), "validate", type(row.error).__name__, str(row.error)))
-        resolving = {self.resolve.submit(row.item_id, item_of(row), row_config(self.cfg, row), self.output_uri): row
-                     for row in rows if row.error is None}
-        stage_major = self.cfg.backend != "preview" and self.cfg.diffusion.memory == "stage-major"
-        runs: list[ItemRun] = []
-        for future in as_completed(list(resolving)):
-            future.wait()  # settles the future's final state
-            row, resolved = resolving[future], outcome(future)
-            item = self.base(row)
-            item.stage_seconds["resolve"], item.attempts = resolved.seconds, resolved.attempts
-            if resolved.status == "failed":
-                self.finish(failed(item, "resolve", resolved.error_class, resolved.error_message, resolved.attempts))
-            elif resolved.ref["published"] is not None:
-                self.finish(already_published(item, resolved.ref["published"],
-                                              output_uris(self.output_uri, row.item_id)[1], self.graph.names))
             else:
-                runs.append(ItemRun(row, Job(item_of(row), row_config(self.cfg, row), future.state.result(),
-                                             self.cache_uri, self.output_uri)))
-                if not stage_major:
-                    for name in self.graph.names:
-                        self.submit(runs[-1], name)
-        if stage_major:
-            self.walk_stage_major(runs)
-            for run in runs:
-                self.finish_run(run)
-            return
-        last = {run.futures[self.graph.names[-1]]: run for run in runs}
-        for future in as_completed(list(last)):
-            self.finish_run(last[future])
+                valid.append(row)
+        if self.cfg.backend != "preview" and self.cfg.diffusion.memory == "stage-major":
+            for start in range(0, len(valid), self.cfg.window):
+                self.render_stage_major(valid[start:start + self.cfg.window])
+        else:
+            self.render_resident(valid)
 
-    def finish_run(self, run: ItemRun) -> None:
+    def submit_resolve(self, row: ManifestRow) -> PrefectFuture:
+        return self.resolve.submit(row.item_id, item_of(row), row_config(self.cfg, row), self.output_uri, self.digests)
+
+    def resolved(self, row: ManifestRow, future: PrefectFuture) -> ItemRun | None:
+        """The item's run when it has work to do; None when it is finished already (failed or published)."""
+        future.wait()  # settles the future's final state
+        resolved = outcome(future)
+        item = self.base(row)
+        item.stage_seconds["resolve"], item.attempts = resolved.seconds, resolved.attempts
+        if resolved.status == "failed":
+            self.finish(failed(item, "resolve", resolved.error_class, resolved.error_message, resolved.attempts))
+        elif resolved.ref["published"] is not None:
+            self.finish(already_published(item, resolved.ref["published"],
+                                          output_uris(self.output_uri, row.item_id)[1], self.graph.names))
+        else:
+            return ItemRun(row, Job(item_of(row), row_config(self.cfg, row), future.state.result(), self.cache_uri,
+                                    self.output_uri))
+        return None
+
+    def ended(self, run: ItemRun) -> ItemRun | None:
+        """Record a run whose stages all ended; return its repair run when a stale input caused its failure."""
         wait(list(run.futures.values()))
         item = self.base(run.row)
         item.stage_seconds["resolve"], item.attempts = run.job.resolved.seconds, run.job.resolved.attempts
         outcomes = {name: outcome(run.futures[name], shared=name in run.shared) if name in run.futures
                     else StageOutcome("not_run") for name in self.graph.names}
-        self.finish(fold_item(item, outcomes))
+        item = fold_item(item, outcomes)
+        if item.status == "failed" and item.error_class in REPAIRABLE and not run.repair:
+            get_run_logger().warning("%s: %s in %s (%s); computing its inputs again", item.item_id, item.error_class,
+                                     item.failed_stage, item.error_message)
+            return ItemRun(run.row, run.job, repair=True)
+        self.finish(item)
+        return None
+
+    def render_resident(self, rows: list[ManifestRow]) -> None:
+        """Each item's stages are submitted as soon as it resolves (Prefect starts a stage when its inputs are
+        done); new rows are resolved as items leave the window."""
+        events: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
+
+        def when_done(future: PrefectFuture, handler: Callable[[], bool]) -> None:
+            future.add_done_callback(lambda _: events.put(handler))
+
+        def start(run: ItemRun) -> bool:
+            for name in self.graph.names:
+                self.submit(run, name)
+            when_done(run.futures[self.graph.names[-1]], partial(end, run))
+            return False
+
+        def end(run: ItemRun) -> bool:
+            repair = self.ended(run)
+            return start(repair) if repair else True
+
+        def resolved(row: ManifestRow, future: PrefectFuture) -> bool:
+            run = self.resolved(row, future)
+            return start(run) if run else True
+
+        pending, in_flight = iter(rows), 0
+        while True:
+            while in_flight < self.cfg.window and (row := next(pending, None)) is not None:
+                future = self.submit_resolve(row)
+                when_done(future, partial(resolved, row, future))
+                in_flight += 1
+            if not in_flight:
+                return
+            if events.get()():  # an item left the window
+                in_flight -= 1
+
+    def render_stage_major(self, rows: list[ManifestRow]) -> None:
+        """One window of items stage by stage: every item's first stage, then every item's next one, each model
+        released after the last stage that uses it, so LLaVA and the DiT never share a GPU."""
+        resolving = [(row, self.submit_resolve(row)) for row in rows]
+        runs = [run for row, future in resolving if (run := self.resolved(row, future))]
+        while runs:
+            self.walk_stage_major(runs)
+            runs = [repair for run in runs if (repair := self.ended(run))]
 
     def walk_stage_major(self, runs: list[ItemRun]) -> None:
-        """Each stage for every live item, then the next; a model is released after the last stage using it."""
         live = runs
         for stage in self.graph:
             for run in live:

@@ -38,6 +38,8 @@ class PipelineConfig(BaseModel):
     backend: str = Field("preview", description="renderer: preview | tiny-random | hunyuan-avatar")
     cache_uri: str | None = Field(None, description="where stage artifacts are cached; default <output>/.cache")
     max_workers: int = Field(4, ge=1, le=64, description="concurrent stage tasks in one flow run")
+    window: int = Field(32, ge=1, le=4096, description="items in flight at once (resolving or rendering): a "
+                        "manifest of any length starts at once and memory stays flat")
     gpu_slot: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
                                  description="concurrency tag of this worker's GPU; default gpu-<host>-<device>")
     video: VideoConfig = VideoConfig()

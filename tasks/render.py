@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from pydantic import BaseModel
 
 from common import storage
-from common.errors import is_permanent
+from common.errors import StaleArtifact, is_permanent
 
 from .config import PipelineConfig
 from .graph import GRAPHS, Graph, Item, StageCall
@@ -55,7 +56,8 @@ class StageFailed(Exception):
 def _is_retryable(task_obj: Any, run: Any, state: Any) -> bool:
     """Retry transient faults only; bad input (permanent errors) fails the item at once."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, StageFailed) and not exc.permanent
+    # a stale input artifact stays stale however often this stage retries: the flow recomputes its maker instead
+    return isinstance(exc, StageFailed) and not exc.permanent and exc.error_class != StaleArtifact.__name__
 
 
 def _guarded(fn: Callable[..., BaseModel], *args: Any) -> BaseModel:
@@ -77,9 +79,11 @@ def run_stage(stage: str, item_id: str, key: str, inputs: dict[str, BaseModel], 
     return _guarded(spec.run, call)
 
 
-def resolve_item(item_id: str, item: Item, cfg: PipelineConfig, output_uri: str) -> Resolved:
-    """Hash the inputs and derive every key. Not cached: a changed input under the same name must be seen."""
-    return _guarded(delivery.resolve, item, cfg, GRAPHS[cfg.backend], output_uri)
+def resolve_item(item_id: str, item: Item, cfg: PipelineConfig, output_uri: str,
+                 digests: storage.InputDigests) -> Resolved:
+    """Hash the inputs and derive every key. Not cached across runs: a changed input under the same name must be
+    seen; within a run ``digests`` reads each input once."""
+    return _guarded(delivery.resolve, item, cfg, GRAPHS[cfg.backend], output_uri, digests)
 
 
 def verified_cache_key(cache_uri: str):
@@ -103,7 +107,8 @@ def _retry_options(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def resolve_task(cfg: PipelineConfig) -> Task:
-    return task(resolve_item, name="resolve", task_run_name="resolve-{item_id}", **_retry_options(cfg))
+    return task(resolve_item, name="resolve", task_run_name="resolve-{item_id}", cache_policy=NO_CACHE,
+                **_retry_options(cfg))
 
 
 def stage_tasks(graph: Graph, cfg: PipelineConfig, cache_uri: str, gpu_slot: str | None) -> dict[str, Task]:

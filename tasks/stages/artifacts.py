@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from common import storage
 from common.errors import ObjectNotFound, StaleArtifact
 
 from ..refs import Ref
+
+T = TypeVar("T")
 
 RECORDS = "records"  # Prefect's cache records of the stage tasks, beside the artifacts
 
@@ -62,3 +65,18 @@ def fetch(ref: Ref, cache_uri: str, suffix: str = "") -> Iterator[Path]:
             forget(cache_uri, ref)
             raise StaleArtifact(f"{ref.uri}: cached artifact fails its checksum; it will be recomputed")
         yield path
+
+
+def load(ref: Ref, cache_uri: str, suffix: str, reader: Callable[[Path], T]) -> T:
+    """``reader`` applied to the verified artifact behind ``ref``.
+
+    An artifact that passes its checksum but cannot be read back (a record that lies about a damaged file) is
+    stale too: forgotten, and `StaleArtifact` raised, never a raw decoder error.
+    """
+    with fetch(ref, cache_uri, suffix) as path:
+        try:
+            return reader(path)
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the artifact is unusable
+            forget(cache_uri, ref)
+            raise StaleArtifact(f"{ref.uri}: cached artifact cannot be read back ({type(exc).__name__}: {exc}); "
+                                "it will be recomputed") from exc

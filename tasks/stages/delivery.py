@@ -46,14 +46,14 @@ def published_sidecar(output_uri: str, item_id: str, render_key: str) -> dict[st
         return sidecar if storage.sha256_file(path) == sidecar.get("sha256") else None
 
 
-def resolve(item: Item, cfg: PipelineConfig, graph: Graph, output_uri: str) -> Resolved:
-    """Hash both inputs (bytes, not URIs), derive every stage key, and look for an output made with them."""
+def resolve(item: Item, cfg: PipelineConfig, graph: Graph, output_uri: str, digests: storage.InputDigests) -> Resolved:
+    """Hash both inputs (bytes, not URIs; each input once per run), derive every stage key, and look for an
+    output made with them."""
     from ..graph import item_keys
 
     limits = cfg.limits
-    portrait_sha256 = storage.sha256_bytes(storage.read_input(item.portrait_uri, limits.portrait_bytes,
-                                                              limits.http_hosts))
-    audio_sha256 = storage.sha256_bytes(storage.read_input(item.audio_uri, limits.audio_bytes, limits.http_hosts))
+    portrait_sha256 = digests.sha256(item.portrait_uri, limits.portrait_bytes, limits.http_hosts)
+    audio_sha256 = digests.sha256(item.audio_uri, limits.audio_bytes, limits.http_hosts)
     keys = item_keys(graph, cfg, item, portrait_sha256, audio_sha256)
     render_key = keys[graph.names[-1]]
     return Resolved(portrait_sha256=portrait_sha256, audio_sha256=audio_sha256, stage_keys=keys, render_key=render_key,
@@ -71,14 +71,16 @@ def mux(call: StageCall) -> MuxedRef:
         mux_audio(silent_path, wav, local, n_frames, video)
         info = probe(local)
         video_s = n_frames / video.fps
+        problem = None
         if info.video_frames != n_frames or abs(info.audio_duration_s - video_s) > 1.0 / video.fps:
-            raise EncoderError(
-                f"muxed file out of spec: {info.video_frames} frames (want {n_frames}), "
-                f"audio {info.audio_duration_s:.3f}s vs video {video_s:.3f}s"
-            )
-        errors = decode_errors(local, video.ffmpeg_timeout_s)
-        if errors:
-            raise EncoderError(f"muxed file does not decode cleanly: {errors}")
+            problem = (f"muxed file out of spec: {info.video_frames} frames (want {n_frames}), "
+                       f"audio {info.audio_duration_s:.3f}s vs video {video_s:.3f}s")
+        elif errors := decode_errors(local, video.ffmpeg_timeout_s):
+            problem = f"muxed file does not decode cleanly: {errors}"
+        if problem:
+            # the video stream is copied, so the fault is in the cached silent video: render it again
+            artifacts.forget(call.cache_uri, silent)
+            raise EncoderError(f"{problem}; its silent video {silent.uri} is dropped and will be rendered again")
         uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
     return MuxedRef(key=call.key, uri=uri, sha256=sha256, n_frames=n_frames, video_seconds=video_s,
                     audio_seconds=info.audio_duration_s)

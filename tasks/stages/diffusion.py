@@ -57,8 +57,7 @@ def _save(call: StageCall, tensors: dict[str, Any], kind: type, **fields: Any):
 def _load(call: StageCall, ref: TensorsRef) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    with artifacts.fetch(ref, call.cache_uri, ".safetensors") as path:
-        return load_file(str(path))
+    return artifacts.load(ref, call.cache_uri, ".safetensors", lambda path: load_file(str(path)))
 
 
 def prepare_portrait(call: StageCall) -> PortraitRef:
@@ -87,8 +86,7 @@ def speech_16k(samples, rate: int, n_frames: int):
 def encode_audio(call: StageCall) -> AudioFeaturesRef:
     """Whisper hidden states of the speech (the compact form; the per-frame windows are a gather in denoise)."""
     audio = call.input(AudioRef)
-    with artifacts.fetch(audio, call.cache_uri, ".wav") as wav:
-        samples, rate = read_wav(wav)
+    samples, rate = artifacts.load(audio, call.cache_uri, ".wav", read_wav)
     speech = speech_16k(samples, rate, audio.n_frames)
 
     def attempt(cfg: PipelineConfig, mode: str) -> AudioFeaturesRef:

@@ -69,5 +69,4 @@ def prepare_audio(call: StageCall) -> AudioRef:
 
 def load_portrait(call: StageCall, ref: PortraitRef) -> np.ndarray:
     """The cached bucketed portrait as a writable RGB array (torch refuses read-only buffers)."""
-    with artifacts.fetch(ref, call.cache_uri, ".png") as path:
-        return np.array(Image.open(path).convert("RGB"))
+    return artifacts.load(ref, call.cache_uri, ".png", lambda path: np.array(Image.open(path).convert("RGB")))

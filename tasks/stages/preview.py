@@ -26,9 +26,8 @@ def motion(call: StageCall) -> MotionRef:
     """Mouth from the speech envelope, seeded blinks and head sway, for exactly the audio's frame count."""
     audio = call.input(AudioRef)
     renderer = PreviewRenderer(call.cfg.preview, call.cfg.video)
-    with artifacts.fetch(audio, call.cache_uri, ".wav") as wav, \
-            tempfile.TemporaryDirectory(prefix="avatar-motion-") as tmp:
-        samples, rate = read_wav(wav)
+    samples, rate = artifacts.load(audio, call.cache_uri, ".wav", read_wav)
+    with tempfile.TemporaryDirectory(prefix="avatar-motion-") as tmp:
         local = Path(tmp) / "motion.npz"
         renderer.generate(samples, rate, audio.n_frames, call.item.seed).save(local)
         uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
@@ -40,9 +39,9 @@ def render(call: StageCall) -> SilentVideoRef:
     portrait, track = call.input(PortraitRef), call.input(MotionRef)
     image = load_portrait(call, portrait)
     renderer = PreviewRenderer(call.cfg.preview, call.cfg.video)
-    with artifacts.fetch(track, call.cache_uri, ".npz") as path, \
-            tempfile.TemporaryDirectory(prefix="avatar-render-") as tmp:
-        frames = renderer.render(image, portrait.face_box, MotionTrack.load(path))
+    motion_track = artifacts.load(track, call.cache_uri, ".npz", MotionTrack.load)
+    with tempfile.TemporaryDirectory(prefix="avatar-render-") as tmp:
+        frames = renderer.render(image, portrait.face_box, motion_track)
         return encode_silent(call, frames, track.n_frames, Path(tmp) / "silent.mp4", portrait.width, portrait.height)
 
 
