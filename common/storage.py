@@ -123,17 +123,20 @@ def read_input(uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> by
     return data
 
 
-def sha256_input(uri: str, max_bytes: int) -> str:
-    """sha256 of an input streamed in blocks (memory stays flat in its size), stopping past ``max_bytes``."""
+def copy_input(uri: str, dest: str | os.PathLike | None, max_bytes: int) -> str:
+    """Stream an input in blocks into ``dest`` (or nowhere: only hash it) and return its sha256; memory stays
+    flat in its size, and reading stops past ``max_bytes`` even if the object grew after it was checked."""
     fs, path = filesystem(uri)
     h, seen = hashlib.sha256(), 0
     try:
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb") as f, (open(dest, "wb") if dest is not None else contextlib.nullcontext()) as out:
             for block in iter(lambda: f.read(_CHUNK), b""):
                 seen += len(block)
                 if seen > max_bytes:
                     raise InputTooLarge(f"{uri}: grew past this run's limit of {max_bytes} bytes while it was read")
                 h.update(block)
+                if out is not None:
+                    out.write(block)
     except AvatarError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -165,7 +168,7 @@ class InputDigests:
         if not owner:
             return pending.result()
         try:
-            digest = sha256_input(uri, max_bytes)
+            digest = copy_input(uri, None, max_bytes)
         except BaseException as exc:
             with self._lock:
                 del self._digests[identity]

@@ -26,6 +26,7 @@ class InputLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     portrait_bytes: int = Field(64 * 2**20, ge=1)
+    portrait_pixels: int = Field(64_000_000, ge=1, description="checked from the image header, before decoding")
     audio_bytes: int = Field(1 * 2**30, ge=1)
     http_hosts: tuple[str, ...] = Field((), description="hosts http(s) inputs may come from; none by default")
 

@@ -10,8 +10,13 @@ import functools
 import logging
 import shutil
 import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import imageio_ffmpeg
 import numpy as np
 import soundfile
@@ -42,52 +47,118 @@ def stderr_tail(stderr: bytes | str) -> str:
     return text[-STDERR_TAIL_CHARS:] if text else "(no output from ffmpeg)"
 
 
-# ffmpeg demuxers of real audio and video containers (mov covers mp4/m4a, matroska covers webm, asf covers wma)
+# ffmpeg demuxers of real audio and video containers (mov covers mp4/m4a, matroska covers webm, asf covers wma):
+# a playlist or concat "audio" file would make ffmpeg read other files no manifest names
 AUDIO_CONTAINERS = ("wav", "w64", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf", "asf", "au", "wv",
                     "ac3", "eac3", "amr", "dts")
+# exactly the one local file, through one of those containers
+_WHITELISTS = {"protocol_whitelist": "file", "format_whitelist": ",".join(AUDIO_CONTAINERS)}
+_BLOCK_SAMPLES = 1 << 16
 
 
-def decode_audio(path: str | Path, sample_rate: int, name: str = "audio", timeout_s: float | None = None) -> np.ndarray:
-    """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sample_rate``.
+def _ffmpeg_whitelists() -> list[str]:
+    return [arg for option, value in _WHITELISTS.items() for arg in (f"-{option}", value)]
 
-    A decode still running after ``timeout_s`` is killed and raises `TransientError` (worth a retry).
-    """
-    # exactly the one local file, through a real audio/video container: a playlist or concat "audio" file would
-    # make ffmpeg read other files no manifest names
-    command = [ffmpeg_executable(), "-nostdin", "-v", "error", "-protocol_whitelist", "file",
-               "-format_whitelist", ",".join(AUDIO_CONTAINERS), "-i", str(path), "-map", "0:a:0"]
-    command += ["-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
+
+@dataclass(frozen=True)
+class SpeechStats:
+    """What the acceptance checks need of a decoded clip, gathered while it streams past."""
+
+    n_samples: int
+    peak: float
+
+
+def probe_seconds(path: str | Path, name: str = "audio") -> float | None:
+    """The clip's duration as its container header states it, read before anything is decoded (None when the
+    header does not say). Opened under the same protocol and container whitelists as the decode."""
     try:
-        result = subprocess.run(command, capture_output=True, check=False, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise TransientError(f"{name}: decoding audio timed out after {timeout_s} s") from exc
-    if result.returncode != 0:
-        raise UndecodableAudio(f"{name}: cannot decode audio: {stderr_tail(result.stderr)}")
-    samples = np.frombuffer(result.stdout, dtype="<f4")
-    samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-    logger.debug("%s: decoded %d samples at %d Hz", name, len(samples), sample_rate)
-    return np.clip(samples, -1.0, 1.0).astype(np.float32)
+        with av.open(str(path), options=_WHITELISTS) as container:
+            streams = container.streams.audio
+            if not streams:
+                raise UndecodableAudio(f"{name}: cannot decode audio: the file has no audio stream")
+            stream = streams[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration is not None else None
+    except av.FFmpegError as exc:
+        raise UndecodableAudio(f"{name}: cannot decode audio: {exc}") from exc
 
 
-def check_speech(samples: np.ndarray, sample_rate: int, config: AudioConfig, name: str = "audio") -> float:
-    """Duration of ``samples`` in seconds, after rejecting empty, too long and silent audio."""
-    duration = len(samples) / sample_rate
-    if len(samples) == 0 or duration < MIN_SECONDS:
+def decode_to_wav(path: str | Path, dest: str | Path, sample_rate: int, name: str = "audio",
+                  timeout_s: float | None = None, max_seconds: float | None = None) -> SpeechStats:
+    """Decode the first audio stream of ``path`` to a mono 16-bit WAV at ``sample_rate``, streamed in blocks
+    (memory stays flat in the clip's length), and return its length and peak.
+
+    At most ``max_seconds`` (plus one block) is decoded, whatever the header claimed. A decode still running after
+    ``timeout_s`` is killed and raises `TransientError` (worth a retry).
+    """
+    command = [ffmpeg_executable(), "-nostdin", "-v", "error", *_ffmpeg_whitelists(), "-i", str(path),
+               "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate)]
+    if max_seconds is not None:
+        command += ["-t", f"{max_seconds + _BLOCK_SAMPLES / sample_rate:.6f}"]
+    command += ["-f", "f32le", "pipe:1"]
+    n_samples, peak = 0, 0.0
+    with tempfile.TemporaryFile() as stderr, \
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr) as process, \
+            soundfile.SoundFile(str(dest), "w", sample_rate, 1, "PCM_16", format="WAV") as wav:
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(timeout_s, kill) if timeout_s is not None else None
+        if timer:
+            timer.start()
+        try:
+            while block := process.stdout.read(_BLOCK_SAMPLES * 4):
+                samples = np.frombuffer(block[: len(block) // 4 * 4], dtype="<f4")
+                samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+                wav.write(samples)
+                n_samples += len(samples)
+                peak = max(peak, float(np.max(np.abs(samples)))) if len(samples) else peak
+            process.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        if timed_out.is_set():
+            raise TransientError(f"{name}: decoding audio timed out after {timeout_s} s")
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise UndecodableAudio(f"{name}: cannot decode audio: {stderr_tail(stderr.read())}")
+    logger.debug("%s: decoded %d samples at %d Hz", name, n_samples, sample_rate)
+    return SpeechStats(n_samples, peak)
+
+
+def check_speech(stats: SpeechStats, sample_rate: int, config: AudioConfig, name: str = "audio") -> float:
+    """Duration of the decoded clip in seconds, after rejecting empty, too long and silent audio."""
+    duration = stats.n_samples / sample_rate
+    if stats.n_samples == 0 or duration < MIN_SECONDS:
         raise EmptyAudio(f"{name}: audio is empty or shorter than {MIN_SECONDS * 1000:.0f} ms ({duration:.3f} s)")
-    if duration > config.max_seconds:
-        raise InvalidParameter(
-            f"{name}: audio is {duration:.1f} s long, the limit is {config.max_seconds:.1f} s (not truncated)"
-        )
-    peak = float(np.max(np.abs(samples)))
-    peak_dbfs = 20.0 * np.log10(peak) if peak > 0 else -np.inf
+    check_length(duration, config, name)
+    peak_dbfs = 20.0 * np.log10(stats.peak) if stats.peak > 0 else -np.inf
     if peak_dbfs < config.silence_dbfs:
         raise SilentAudio(f"{name}: audio is silent (peak {peak_dbfs:.1f} dBFS < {config.silence_dbfs:.1f} dBFS)")
     return duration
 
 
+def check_length(seconds: float, config: AudioConfig, name: str = "audio", source: str = "decoded") -> None:
+    """Audio longer than the limit is refused, never truncated (first on the length its header states, before
+    decoding; then on what was decoded)."""
+    if seconds > config.max_seconds:
+        raise InvalidParameter(f"{name}: audio is {seconds:.1f} s long ({source}), the limit is "
+                               f"{config.max_seconds:.1f} s (not truncated)")
+
+
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
     """Write mono (or (n, channels)) float samples as 16-bit PCM WAV."""
     soundfile.write(str(path), np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+
+
+def read_wav_blocks(path: str | Path, block_frames: int = _BLOCK_SAMPLES) -> Iterator[np.ndarray]:
+    """A WAV as consecutive mono float32 blocks (channels averaged): the whole clip is never held."""
+    for block in soundfile.blocks(str(path), blocksize=block_frames, dtype="float32", always_2d=True):
+        yield block.mean(axis=1, dtype=np.float32)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.errors import UndecodableImage
+from common.errors import InputTooLarge, UndecodableImage
 
 # Pillow raises these for truncated, unknown or hostile files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -21,12 +21,19 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 _LONG_SIDE_BUDGET = {704: 1216, 512: 768, 384: 576, 256: 384}
 
 
-def load_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode ``data`` to an upright RGB uint8 array (H, W, 3); alpha is composited over white."""
+def load_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode ``data`` to an upright RGB uint8 array (H, W, 3); alpha is composited over white.
+
+    An image of more than ``max_pixels`` is refused from its header, before any pixel is decoded.
+    """
     if not data:
         raise UndecodableImage(f"{name}: cannot decode image: no data")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InputTooLarge(f"{name}: {width}x{height} is {width * height} pixels, over this run's limit of "
+                                    f"{max_pixels} (read from the header; nothing was decoded)")
             img.load()
             upright = ImageOps.exif_transpose(img)
             return _to_rgb(upright)

@@ -6,6 +6,7 @@ independent of the portrait, so one audio track can drive any face.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,18 +50,31 @@ class MotionTrack:
 
 
 def speech_envelope_db(
-    audio: np.ndarray, sample_rate: int, n_frames: int, fps: int, band_hz: tuple[float, float]
+    blocks: Iterable[np.ndarray], sample_rate: int, n_frames: int, fps: int, band_hz: tuple[float, float]
 ) -> np.ndarray:
-    """Level in dBFS of the speech band during each video frame (frame i covers [i/fps, (i+1)/fps))."""
+    """Level in dBFS of the speech band during each video frame (frame i covers [i/fps, (i+1)/fps)).
+
+    ``blocks`` are the mono clip in consecutive pieces: the filter state and the running energy carry across
+    them, so the result is the same for any split and memory stays flat in the clip's length.
+    """
     low, high = band_hz
     high = min(high, 0.45 * sample_rate)
     sos = signal.butter(4, (low, high), btype="bandpass", fs=sample_rate, output="sos")
-    band = signal.sosfilt(sos, audio.astype(np.float64))  # causal: its ~1 ms delay is far below a frame
+    state = np.zeros((sos.shape[0], 2))
     bounds = np.round(np.arange(n_frames + 1) * sample_rate / fps).astype(np.int64)
-    band = np.pad(band, (0, max(0, bounds[-1] - len(band))))
-    energy = np.concatenate([[0.0], np.cumsum(band**2)])
+    energy_at = np.zeros(len(bounds))  # running sum of squares at each frame boundary
+    filled, offset, total = 0, 0, 0.0
+    for block in blocks:
+        # causal: its ~1 ms delay is far below a frame
+        band, state = signal.sosfilt(sos, block.astype(np.float64), zi=state)
+        energy = np.cumsum(np.concatenate([[total], band**2]))  # the sum over samples [0, offset + j)
+        end = offset + len(band)
+        upto = int(np.searchsorted(bounds, end, side="right"))
+        energy_at[filled:upto] = energy[bounds[filled:upto] - offset]
+        filled, offset, total = upto, end, float(energy[-1])
+    energy_at[filled:] = total  # frames past the clip's end hear silence
     lengths = np.maximum(bounds[1:] - bounds[:-1], 1)
-    rms = np.sqrt(np.maximum(energy[bounds[1:]] - energy[bounds[:-1]], 0.0) / lengths)
+    rms = np.sqrt(np.maximum(energy_at[1:] - energy_at[:-1], 0.0) / lengths)
     return (20.0 * np.log10(rms + 1e-9)).astype(np.float32)
 
 

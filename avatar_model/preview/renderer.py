@@ -7,7 +7,7 @@ head sway); ``render`` warps the portrait by that track and yields frames in chu
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -29,8 +29,8 @@ class PreviewRenderer:
         self.config = config
         self.video = video
 
-    def generate(self, audio: np.ndarray, sample_rate: int, n_frames: int, seed: int) -> MotionTrack:
-        """Motion for ``n_frames`` frames of ``audio`` (mono float) at the configured fps."""
+    def generate(self, audio: Iterable[np.ndarray], sample_rate: int, n_frames: int, seed: int) -> MotionTrack:
+        """Motion for ``n_frames`` frames of ``audio`` (mono float blocks, in order) at the configured fps."""
         cfg, fps = self.config, self.video.fps
         envelope = speech_envelope_db(audio, sample_rate, n_frames, fps, cfg.band_hz)
         mouth = mouth_opening(envelope, fps, cfg.attack_ms, cfg.release_ms)

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from avatar_model.face.detector import FaceBox, detect_face
-from avatar_model.media.audio import check_speech, decode_audio, write_wav
+from avatar_model.media.audio import check_length, check_speech, decode_to_wav, probe_seconds
 from avatar_model.media.image import load_image, resize_to_bucket
 from avatar_model.media.video import frame_count
 from common import storage
@@ -32,11 +32,19 @@ def read_hashed_input(call: StageCall, uri: str, sha256: str, max_bytes: int) ->
     return data
 
 
+def copy_hashed_input(call: StageCall, uri: str, sha256: str, max_bytes: int, dest: Path) -> None:
+    """`read_hashed_input` into a local file, streamed (a long clip is never held in memory)."""
+    storage.check_input(uri, max_bytes, call.cfg.limits.http_hosts)
+    if storage.copy_input(uri, dest, max_bytes) != sha256:
+        raise TransientError(f"{uri} changed while the run was reading it")
+
+
 def bucketed_portrait(call: StageCall, locate: Callable[[np.ndarray], FaceBox]) -> PortraitRef:
     """Decode and bucket the portrait, find its face with ``locate``, and cache the bucketed PNG."""
     item = call.item
     data = read_hashed_input(call, item.portrait_uri, call.resolved.portrait_sha256, call.cfg.limits.portrait_bytes)
-    image = resize_to_bucket(load_image(data, name=item.portrait_uri), call.cfg.video.short_side)
+    image = load_image(data, name=item.portrait_uri, max_pixels=call.cfg.limits.portrait_pixels)
+    image = resize_to_bucket(image, call.cfg.video.short_side)
     face = locate(image)
     with tempfile.TemporaryDirectory(prefix="avatar-portrait-") as tmp:
         local = Path(tmp) / "portrait.png"
@@ -52,16 +60,20 @@ def prepare_portrait(call: StageCall) -> PortraitRef:
 
 
 def prepare_audio(call: StageCall) -> AudioRef:
-    """Decode any format ffmpeg reads to mono PCM at the delivery rate; reject empty/silent/over-long audio."""
+    """Decode any format ffmpeg reads to mono PCM at the delivery rate, streamed; reject empty, silent and
+    over-long audio (over-long by its header before decoding, and never decoding past the limit)."""
     item, cfg = call.item, call.cfg
     rate = cfg.video.audio_sample_rate
     with tempfile.TemporaryDirectory(prefix="avatar-audio-") as tmp:
         source = Path(tmp) / f"source{Path(item.audio_uri).suffix}"
-        source.write_bytes(read_hashed_input(call, item.audio_uri, call.resolved.audio_sha256, cfg.limits.audio_bytes))
-        samples = decode_audio(source, rate, name=item.audio_uri, timeout_s=cfg.audio.decode_timeout_s)
-        duration = check_speech(samples, rate, cfg.audio, name=item.audio_uri)
+        copy_hashed_input(call, item.audio_uri, call.resolved.audio_sha256, cfg.limits.audio_bytes, source)
+        probed = probe_seconds(source, name=item.audio_uri)
+        if probed is not None:
+            check_length(probed, cfg.audio, name=item.audio_uri, source="by its header, before decoding")
         local = Path(tmp) / "audio.wav"
-        write_wav(local, samples, rate)
+        stats = decode_to_wav(source, local, rate, name=item.audio_uri, timeout_s=cfg.audio.decode_timeout_s,
+                              max_seconds=cfg.audio.max_seconds)
+        duration = check_speech(stats, rate, cfg.audio, name=item.audio_uri)
         uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
     return AudioRef(key=call.key, uri=uri, sha256=sha256, duration_s=duration, sample_rate=rate,
                     n_frames=frame_count(duration, cfg.video.fps))

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from avatar_model.media.audio import read_wav
+from avatar_model.media.audio import read_wav_blocks
 from avatar_model.media.video import VideoEncoder
 from avatar_model.preview.motion import MotionTrack
 from avatar_model.preview.renderer import PreviewRenderer
@@ -26,10 +26,11 @@ def motion(call: StageCall) -> MotionRef:
     """Mouth from the speech envelope, seeded blinks and head sway, for exactly the audio's frame count."""
     audio = call.input(AudioRef)
     renderer = PreviewRenderer(call.cfg.preview, call.cfg.video)
-    samples, rate = artifacts.load(audio, call.cache_uri, ".wav", read_wav)
+    track = artifacts.load(audio, call.cache_uri, ".wav", lambda wav: renderer.generate(
+        read_wav_blocks(wav), audio.sample_rate, audio.n_frames, call.item.seed))
     with tempfile.TemporaryDirectory(prefix="avatar-motion-") as tmp:
         local = Path(tmp) / "motion.npz"
-        renderer.generate(samples, rate, audio.n_frames, call.item.seed).save(local)
+        track.save(local)
         uri, sha256 = artifacts.store(local, call.cache_uri, call.stage, call.key)
     return MotionRef(key=call.key, uri=uri, sha256=sha256, n_frames=audio.n_frames)
 

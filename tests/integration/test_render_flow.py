@@ -6,9 +6,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
+from PIL import Image
 
+from avatar_model.config import AudioConfig
 from avatar_model.media.video import probe
 from flows.render_manifest import ItemsFailed, render_manifest
 from tasks.config import InputLimits, PipelineConfig, RetryConfig
@@ -135,17 +139,29 @@ def test_devices_fifos_folders_and_oversized_inputs_are_refused_before_reading(t
     os.mkfifo(fifo)  # reading it would block forever
     big = tmp_path / "big.png"
     big.write_bytes((inputs / "face.png").read_bytes() + bytes(4096))
+    huge = tmp_path / "huge.png"
+    Image.new("1", (13000, 13000)).save(huge)  # 20 KB on disk, 507 MB decoded
+    long_clip = tmp_path / "long.wav"
+    sf.write(long_clip, 0.3 * np.sin(np.arange(16000 * 30) / 3), 16000, subtype="PCM_16")
     manifest = write_manifest(tmp_path / "m.parquet", [
         ("fifo", str(fifo), str(inputs / "hello.wav")),
         ("device", str(inputs / "face.png"), "/dev/zero"),
         ("folder", str(inputs), str(inputs / "hello.wav")),
         ("too-big", str(big), str(inputs / "hello.wav")),
+        ("too-many-pixels", str(huge), str(inputs / "hello.wav")),
+        ("too-long", str(inputs / "face.png"), str(long_clip)),
         ("fine", str(inputs / "face.png"), str(inputs / "hello.wav")),
     ])
-    limits = FAST.model_copy(update={"limits": InputLimits(portrait_bytes=(inputs / "face.png").stat().st_size)})
-    with pytest.raises(ItemsFailed, match="4 of 5"):
+    limits = FAST.model_copy(update={"limits": InputLimits(portrait_bytes=(inputs / "face.png").stat().st_size),
+                                     "audio": AudioConfig(max_seconds=20.0)})
+    with pytest.raises(ItemsFailed, match="6 of 7"):
         render_manifest(manifest, str(tmp_path / "out"), config=limits)
     results = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("item_id")
+    assert results.loc["too-many-pixels", "error_class"] == "InputTooLarge"
+    assert "13000x13000" in results.loc["too-many-pixels", "error_message"]
+    too_long = results.loc["too-long"]
+    assert (too_long["error_class"], too_long["failed_stage"]) == ("InvalidParameter", "prepare_audio")
+    assert "30.0 s long (by its header, before decoding)" in too_long["error_message"]
     assert results.loc[["fifo", "device", "folder"], "error_class"].tolist() == ["NotARegularFile"] * 3
     assert results.loc["too-big", "error_class"] == "InputTooLarge" and "limit" in results.loc["too-big",
                                                                                                "error_message"]

@@ -129,3 +129,24 @@ def test_resize_to_bucket_keeps_aspect_by_cropping():
     assert resized.shape == (256, 384, 3) and resized.dtype == np.uint8
     bar = np.flatnonzero(resized[128, :, 0] > 128)
     assert abs(bar.mean() - 192) < 2
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_with_memory_bounded(tmp_path):
+    """A 13000² PNG (a few hundred KB on disk, 507 MB as RGB) is refused before a pixel is decoded."""
+    import subprocess
+    import sys
+
+    from common.errors import InputTooLarge
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (13000, 13000)).save(huge)
+    with pytest.raises(InputTooLarge, match=r"^huge.png: 13000x13000 is 169000000 pixels, over .* limit of 64000000"):
+        load_image(huge.read_bytes(), name="huge.png", max_pixels=64_000_000)
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
+    probe = ("import re, sys\nfrom avatar_model.media.image import load_image\n"
+             "try:\n    load_image(open(sys.argv[1], 'rb').read(), max_pixels=64_000_000)\nexcept Exception as e:\n"
+             "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+             "    print(type(e).__name__, int(hwm) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(huge)], capture_output=True, text=True, check=True).stdout
+    error, peak_mib = out.split()
+    assert error == "InputTooLarge" and int(peak_mib) < 150, f"peak RSS {peak_mib} MiB: it was decoded"

@@ -44,8 +44,8 @@ def frame_rms(audio: np.ndarray, n_frames: int) -> np.ndarray:
 def test_track_is_deterministic_for_a_seed(renderer, speech_with_pauses):
     audio, sr = speech_with_pauses
     n = frame_count(len(audio) / sr, VIDEO.fps)
-    first, again = renderer.generate(audio, sr, n, seed=7), renderer.generate(audio, sr, n, seed=7)
-    other = renderer.generate(audio, sr, n, seed=8)
+    first, again = renderer.generate([audio], sr, n, seed=7), renderer.generate([audio], sr, n, seed=7)
+    other = renderer.generate([audio], sr, n, seed=8)
     for name in ("mouth_open", "blink", "head_rotate_deg", "head_dx", "head_dy"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
         assert getattr(first, name).dtype == np.float32 and len(getattr(first, name)) == n
@@ -55,7 +55,7 @@ def test_track_is_deterministic_for_a_seed(renderer, speech_with_pauses):
 
 def test_track_ranges(renderer):
     rng = np.random.default_rng(0)
-    track = renderer.generate(rng.uniform(-0.5, 0.5, 20 * SR).astype(np.float32), SR, 500, seed=1)
+    track = renderer.generate([rng.uniform(-0.5, 0.5, 20 * SR).astype(np.float32)], SR, 500, seed=1)
     assert track.n_frames == 500
     assert 0.0 <= track.mouth_open.min() and track.mouth_open.max() <= 1.0
     assert 0.0 <= track.blink.min() and track.blink.max() <= 1.0
@@ -66,17 +66,17 @@ def test_track_ranges(renderer):
 
 def test_mouth_closed_on_silence_and_open_on_sound(renderer):
     audio = tone_burst(np.random.default_rng(0))
-    track = renderer.generate(audio, SR, 75, seed=0)
+    track = renderer.generate([audio], SR, 75, seed=0)
     assert track.mouth_open[:24].max() < 0.05
     assert track.mouth_open[30:48].min() > 0.8
     assert track.mouth_open[60:].max() < 0.05
-    silent = renderer.generate(np.zeros(2 * SR, np.float32), SR, 50, seed=0)
+    silent = renderer.generate([np.zeros(2 * SR, np.float32)], SR, 50, seed=0)
     assert not silent.mouth_open.any()
 
 
 def test_motion_track_save_load_round_trip(renderer, speech_with_pauses, tmp_path):
     audio, sr = speech_with_pauses
-    track = renderer.generate(audio, sr, 40, seed=3)
+    track = renderer.generate([audio], sr, 40, seed=3)
     track.save(tmp_path / "track.npz")
     loaded = MotionTrack.load(tmp_path / "track.npz")
     assert loaded.n_frames == 40
@@ -119,7 +119,7 @@ def test_acceptance_mouth_motion_follows_speech(renderer, astronaut, speech_with
     assert sr == SR
     n = frame_count(len(audio) / sr, VIDEO.fps)
     face = detect_face(astronaut)
-    track = renderer.generate(audio, sr, n, seed=0)
+    track = renderer.generate([audio], sr, n, seed=0)
     frames = np.concatenate(list(renderer.render(astronaut, face, track)))
     assert frames.shape == (n, *astronaut.shape)
 
@@ -137,3 +137,16 @@ def test_acceptance_mouth_motion_follows_speech(renderer, astronaut, speech_with
     assert abs(best_lag) <= 1, f"mouth motion is {best_lag} frames off the audio"
     speaking = envelope > 0.25 * envelope.max()
     assert mouth_change[speaking].mean() > 1.5 * mouth_change[envelope < 0.02 * envelope.max()].mean()
+
+
+def test_the_envelope_is_the_same_for_any_split_of_the_clip(speech_with_pauses):
+    """Streamed in blocks (flat memory for long clips), the envelope equals the one of the whole clip exactly."""
+    from avatar_model.preview.motion import speech_envelope_db
+
+    audio, sr = speech_with_pauses
+    n = frame_count(len(audio) / sr, VIDEO.fps) + 3  # frames past the end hear silence
+    whole = speech_envelope_db([audio], sr, n, VIDEO.fps, (300.0, 3400.0))
+    for block in (1, 997, 4096, len(audio) - 1):
+        pieces = [audio[i:i + block] for i in range(0, len(audio), block)]
+        np.testing.assert_array_equal(speech_envelope_db(pieces, sr, n, VIDEO.fps, (300.0, 3400.0)), whole)
+    assert whole[-1] < -100 and whole.max() > -40
