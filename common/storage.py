@@ -28,6 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import (
     AccessDenied,
     AvatarError,
+    ConfigurationError,
     InputNotAllowed,
     InputTooLarge,
     NotARegularFile,
@@ -303,6 +304,31 @@ def publish_bytes(data: bytes, uri: str) -> None:
         publish_file(tmp.name, uri)
     finally:
         os.unlink(tmp.name)
+
+
+def check_output_location(uri: str) -> None:
+    """Refuse, before any work, a location that cannot take outputs: a bucket that does not exist (buckets are
+    never created), credentials the store rejects, or a place these credentials may not write to."""
+    fs, path = filesystem(uri)
+    if not is_local(uri):
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.info(bucket)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"{uri}: bucket {bucket!r} does not exist; create it first "
+                                     "(avatar-batch never creates buckets)") from exc
+        except PermissionError as exc:
+            raise ConfigurationError(f"{uri}: the store refused access to bucket {bucket!r} ({exc}); check the "
+                                     "credentials (AWS_* variables) and the bucket's policy") from exc
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            raise ConfigurationError(f"{uri}: the store cannot be reached ({exc}); check AWS_ENDPOINT_URL and "
+                                     "the network") from exc
+    probe = join(uri, f".write-check-{uuid.uuid4().hex}")
+    try:
+        publish_bytes(b"", probe)
+        remove(probe)
+    except (AccessDenied, UnsafeOutputPath) as exc:
+        raise ConfigurationError(f"outputs cannot be written to {uri}: {exc}") from exc
 
 
 def remove(uri: str) -> None:

@@ -39,6 +39,7 @@ def render(
 
     from common.errors import ConfigurationError
     from flows.render_manifest import ItemsFailed, render_manifest
+    from tasks.checks import check_locations
     from tasks.config import PipelineConfig
 
     try:
@@ -55,6 +56,11 @@ def render(
         total = len(load_manifest(manifest))
     except ManifestError as exc:
         console.print(f"[red]manifest rejected:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    try:
+        check_locations(cfg, output)  # the flow checks too; here a refusal needs no flow run
+    except ConfigurationError as exc:
+        console.print(f"[red]run refused:[/red] {exc}")
         raise typer.Exit(2) from exc
 
     flow = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))

@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from common.errors import ConfigurationError
 from manifests import ItemResult, load_manifest
-from tasks.checks import prepare_run
+from tasks.checks import check_locations, prepare_run
 from tasks.config import PipelineConfig
 
 from .dag import ItemsFailed, ManifestRender
@@ -41,6 +41,7 @@ def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig |
     started = time.perf_counter()
     cfg = prepare_run(run_config(config, backend))
     rows = load_manifest(manifest_uri)
+    check_locations(cfg, output_uri)
     logger.info("manifest %s: %d rows (%d invalid)", manifest_uri, len(rows), sum(r.error is not None for r in rows))
 
     def log(item: ItemResult) -> None:

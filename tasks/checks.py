@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common import storage
 from common.errors import ConfigurationError
 
 from .config import PipelineConfig
@@ -19,6 +20,12 @@ def check_weights(cfg: PipelineConfig) -> None:
             f"the {cfg.backend} weights under {report.root} are not usable ({len(report.problems)} problem(s); "
             f"first: {report.problems[0]}); see weights/README.md, or run `avatar-batch weights check` for all"
         )
+
+
+def check_locations(cfg: PipelineConfig, output_uri: str) -> None:
+    """The output and cache locations must exist and take writes (a missing bucket is never created)."""
+    for location in {output_uri, cfg.cache_uri} - {None}:
+        storage.check_output_location(location)
 
 
 def prepare_run(cfg: PipelineConfig) -> PipelineConfig:

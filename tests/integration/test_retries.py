@@ -1,7 +1,7 @@
 """Transient storage faults are retried with backoff; permanent ones are not.
 
 The fault comes from a real fsspec filesystem registered under ``flaky://`` that serves local files but
-drops the first N reads of each object with ConnectionError, as a flapping network would.
+drops the first N opens for reading of each object with ConnectionError, as a flapping network would.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ class FlakyFileSystem(LocalFileSystem):
     def _strip_protocol(cls, path):
         return super()._strip_protocol(str(path).removeprefix("flaky://"))
 
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        with self.lock:
-            self.reads[path] += 1
-            attempt = self.reads[path]
-        if attempt <= self.failures_per_path:
-            raise ConnectionError(f"connection reset while reading {path} (simulated fault #{attempt})")
-        return super().cat_file(path, start=start, end=end, **kwargs)
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:  # every read (whole or streamed) opens the object first
+            with self.lock:
+                self.reads[path] += 1
+                attempt = self.reads[path]
+            if attempt <= self.failures_per_path:
+                raise ConnectionError(f"connection reset while reading {path} (simulated fault #{attempt})")
+        return super()._open(path, mode=mode, **kwargs)
 
 
 @pytest.fixture()
