@@ -39,7 +39,7 @@ def render(
 
     from common.errors import ConfigurationError
     from flows.render_manifest import ItemsFailed, render_manifest
-    from tasks.checks import check_locations
+    from tasks.checks import check_locations, prepare_run
     from tasks.config import PipelineConfig
 
     try:
@@ -58,7 +58,7 @@ def render(
         console.print(f"[red]manifest rejected:[/red] {exc}")
         raise typer.Exit(2) from exc
     try:
-        check_locations(cfg, output)  # the flow checks too; here a refusal needs no flow run
+        check_locations(prepare_run(cfg), output)  # the flow checks too; here a refusal needs no flow run
     except ConfigurationError as exc:
         console.print(f"[red]run refused:[/red] {exc}")
         raise typer.Exit(2) from exc
