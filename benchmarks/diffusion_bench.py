@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("a", "b"), default=None, help="measure only (a) or only (b)")
     args = parser.parse_args()
     from conftest import free_port
-    from pipeline_bench import _start_server
+    from pipeline_bench import _start_server, print_table
 
     with tempfile.TemporaryDirectory(prefix="avatar-diffusion-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -154,10 +154,7 @@ def main() -> None:
     database = "PostgreSQL" if args.database else "SQLite"
     print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}, tiny-random, {args.steps} steps, "
           f"server on {database}\n")
-    print("| metric | measured | ratio | target | met |")
-    print("|---|---|---|---|---|")
-    for name, measured, ratio, target, met in rows:
-        print(f"| {name} | {measured} | {ratio} | {target} | {'-' if met is None else 'yes' if met else 'NO'} |")
+    print_table(rows)
     print(json.dumps({"graph": graph, "baseline": old, "loop": loop, "flow": flow}))
 
 

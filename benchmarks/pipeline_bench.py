@@ -33,6 +33,14 @@ sys.path.insert(0, str(REPO / "tests" / "system"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+def print_table(rows: list[tuple]) -> None:
+    """(metric, measured, ratio, target, met) rows as the Markdown table benchmarks/README.md quotes."""
+    print("| metric | measured | ratio | target | met |")
+    print("|---|---|---|---|---|")
+    for name, measured, ratio, target, met in rows:
+        print(f"| {name} | {measured} | {ratio} | {target} | {'-' if met is None else 'yes' if met else 'NO'} |")
+
+
 def _speech(seconds: float, path: Path) -> Path:
     """Demo speech clips with pauses, tiled to ``seconds``."""
     from avatar_model.media.audio import read_wav, write_wav
@@ -159,10 +167,7 @@ def main() -> None:
 
     print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
           f"bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB\n")
-    print("| metric | measured | ratio | target | met |")
-    print("|---|---|---|---|---|")
-    for name, measured, ratio, target, met in rows:
-        print(f"| {name} | {measured} | {ratio} | {target} | {'-' if met is None else 'yes' if met else 'NO'} |")
+    print_table(rows)
     print(json.dumps({name: ratio for name, _, ratio, _, _ in rows}))
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "system"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pipeline_bench import _speech, _start_server  # noqa: E402 - the same server start-up and test speech
+from pipeline_bench import _speech, _start_server, print_table  # noqa: E402 - shared with the preview bench
 
 
 def _peak_rss(pid: int) -> int:
@@ -125,10 +125,7 @@ def main() -> None:
          f"{long['seconds']:.1f} s vs {short['seconds']:.1f} s (exit {long['rc']}, {short['rc']})", "", "-", None),
     ]
     print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}\n")
-    print("| metric | measured | ratio | target | met |")
-    print("|---|---|---|---|---|")
-    for name, measured, ratio, target, met in rows:
-        print(f"| {name} | {measured} | {ratio} | {target} | {'-' if met is None else 'yes' if met else 'NO'} |")
+    print_table(rows)
     print(json.dumps({"large": large, "small": small, "one_minute": short, "ten_minutes": long}))
 
 

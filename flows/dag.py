@@ -18,7 +18,7 @@ from functools import partial
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.futures import PrefectFuture, wait
 from prefect.utilities.annotations import allow_failure
 
 from common import storage
@@ -29,7 +29,6 @@ from tasks.graph import ALL_STAGES, GRAPHS, Item
 from tasks.models import process_models
 from tasks.render import Job, StageFailed, resolve_task, stage_tasks
 from tasks.stages.delivery import output_uris
-
 
 SHARED_KEYS_PER_ITEM = 8  # cached stage futures kept for reuse, per item of the window
 

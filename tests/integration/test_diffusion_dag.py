@@ -194,3 +194,33 @@ def test_a_bad_row_fails_alone_and_the_gpu_queue_goes_on(tmp_path, catalog):
                                                                                             "UndecodableAudio")
     assert results.loc["line00", "attempts"] == 1
     assert (results.loc[["line01", "line02"], "status"] == "succeeded").all()
+
+
+def test_evicted_damaged_and_vouched_for_tensors_are_computed_again_and_the_video_is_the_same(tmp_path, catalog):
+    """One rerun with every kind of fault in the tensor cache: an evicted and a damaged encoder output (caught
+    before reuse by their checksums) and damaged latents whose record vouches for them (caught only when decode
+    reads them, then repaired in the same run by submitting the item again)."""
+    from cache_faults import artifact_of, assert_deliverable, damage, vouch_for
+
+    cfg = tiny().model_copy(update={"cache_uri": str(tmp_path / "cache")})
+    rows = manifest(tmp_path / "m.parquet", catalog, rows=1, seed_offset=300)
+    render_manifest(rows, str(tmp_path / "first"), config=cfg)
+    first = pd.read_parquet(tmp_path / "first" / "results.parquet").iloc[0]
+    cache = tmp_path / "cache"
+    good = {stage: (artifact_of(cache, stage), artifact_of(cache, stage).read_bytes())
+            for stage in ("encode_audio", "encode_prompt", "encode_reference")}
+    artifact_of(cache, "encode_audio").unlink()
+    damage(artifact_of(cache, "encode_prompt"))
+    damage(artifact_of(cache, "encode_reference"))
+    latents = artifact_of(cache, "denoise")
+    damage(latents)
+    vouch_for(cache, latents)
+    for reader in ("decode", "mux"):
+        artifact_of(cache, reader).unlink()
+
+    render_manifest(rows, str(tmp_path / "again"), config=cfg)
+    row = assert_deliverable(tmp_path / "again", first["sha256"])
+    for stage, (path, data) in good.items():  # the encoders ran again in the first pass, so the repair reused them
+        assert path.read_bytes() == data, f"{stage} was not computed again"
+    assert not row["cached_denoise"] and not row["cached_decode"], "the latents were not computed again"
+    assert row["cached_prepare_portrait"] and row["cached_prepare_audio"]

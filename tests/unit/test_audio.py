@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from avatar_model.config import AudioConfig
-from common.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 from avatar_model.media.audio import (
     SpeechStats,
     check_speech,
@@ -16,6 +15,7 @@ from avatar_model.media.audio import (
     read_wav_blocks,
     write_wav,
 )
+from common.errors import EmptyAudio, InvalidParameter, SilentAudio, TransientError, UndecodableAudio
 
 SR = 16000
 
