@@ -1,4 +1,5 @@
-"""Local publish: atomic, race-free under threads and processes, and what dead writers leave is swept."""
+"""Storage: atomic, race-free local publish and sweeping of dead writers' leftovers; inputs hashed once per run;
+storage faults classified."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from common import storage
 
@@ -44,3 +47,44 @@ def test_sweep_removes_only_what_dead_writers_left(tmp_path):
     other_host.write_bytes(b"not ours to judge")
     assert storage.sweep_staging(str(tmp_path / "videos")) == 1
     assert sorted(p.name for p in staging.iterdir()) == sorted([alive.name, other_host.name])
+
+
+def test_each_input_is_read_once_per_run_however_many_rows_name_it(tmp_path, monkeypatch):
+    import hashlib
+
+    from common.errors import InputTooLarge
+
+    portrait = tmp_path / "face.png"
+    portrait.write_bytes(b"portrait bytes" * 1000)
+    opened = []
+    real_open = storage.filesystem(str(portrait))[0].__class__._open
+
+    def counting_open(self, path, mode="rb", **kwargs):
+        opened.append(path)
+        return real_open(self, path, mode=mode, **kwargs)
+
+    monkeypatch.setattr(storage.filesystem(str(portrait))[0].__class__, "_open", counting_open)
+    digests = storage.InputDigests()
+    with ThreadPoolExecutor(8) as pool:
+        hashes = set(pool.map(lambda _: digests.sha256(str(portrait), 2**20), range(200)))
+    assert hashes == {hashlib.sha256(portrait.read_bytes()).hexdigest()} and len(opened) == 1
+
+    portrait.write_bytes(b"another take")  # replaced during the run: a new size and stamp, hashed again
+    assert digests.sha256(str(portrait), 2**20) == hashlib.sha256(b"another take").hexdigest()
+    assert len(opened) == 2
+    with pytest.raises(InputTooLarge):
+        digests.sha256(str(portrait), 4)
+
+
+def test_refused_storage_operations_are_permanent_and_name_the_uri_and_the_operation():
+    import errno
+
+    from common.errors import AccessDenied, TransientError, is_permanent
+
+    for exc, words in ((PermissionError(errno.EACCES, "Permission denied"), "write refused: permission denied"),
+                       (OSError(errno.EROFS, "Read-only file system"), "write refused: read-only file system")):
+        with pytest.raises(AccessDenied, match=f"^s3://b/videos/a.mp4: {words}") as caught:
+            storage._reraise_storage("s3://b/videos/a.mp4", exc, "write")
+        assert is_permanent(caught.value)
+    with pytest.raises(TransientError, match="during read"):
+        storage._reraise_storage("s3://b/x", ConnectionResetError("reset by peer"), "read")
