@@ -101,10 +101,18 @@ def make_manifest(
     An audio file pairs with the portrait whose name is the longest prefix of its own name
     (``alice_line01.wav`` → ``alice.png``); with a single portrait in the folder, every audio file uses it.
     """
-    frame = manifest_for_folder(folder, portrait=portrait, prompt=prompt)
+    try:
+        frame, skipped = manifest_for_folder(folder, output, portrait=portrait, prompt=prompt)
+    except ManifestError as exc:
+        console.print(f"[red]no manifest written:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} file(s) that are neither image nor audio:[/yellow] "
+                      + ", ".join(str(p.relative_to(folder)) for p in skipped[:10]) + (" …" if len(skipped) > 10
+                                                                                        else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(output, index=False)
-    console.print(f"{len(frame)} rows → {output}")
+    console.print(f"{len(frame)} rows → {output} (URIs relative to its folder)")
 
 
 @app.command()
@@ -112,24 +120,54 @@ def backfill(
     start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
     end: Annotated[str, typer.Option(help="last day (inclusive), YYYY-MM-DD")],
     deployment: Annotated[str, typer.Option(help="flow/deployment to run per day")] = "nightly-render/nightly",
+    rerun_failed: Annotated[bool, typer.Option("--rerun-failed", help="queue again the days whose run failed, "
+                                               "crashed or was cancelled, with the deployment's current "
+                                               "parameters")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the runs until all are final")] = False,
 ) -> None:
-    """Queue one run of DEPLOYMENT per day from START to END (needs PREFECT_API_URL).
+    """Queue one run of DEPLOYMENT per day from START to END that has none, and list each day's run.
 
-    Each run gets an idempotency key per day, so repeating a backfill never queues a day twice; finished
-    items inside a day are skipped anyway by their render keys.
+    Repeating a backfill queues nothing twice; finished items inside a day are skipped anyway by their render
+    keys. With --wait the exit code is 1 when a day's run did not complete.
     """
-    from datetime import date, timedelta
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from rich.live import Live
 
-    from prefect.deployments import run_deployment
+    from common.errors import ConfigurationError
+    from flows.backfill import backfill as queue_days
+    from flows.backfill import connect, days_between, follow
 
-    first, last = date.fromisoformat(start), date.fromisoformat(end)
-    if last < first:
-        raise typer.BadParameter("--end is before --start")
-    for offset in range((last - first).days + 1):
-        day = (first + timedelta(days=offset)).isoformat()
-        run = run_deployment(deployment, parameters={"day": day}, timeout=0, tags=["backfill"],
-                             idempotency_key=f"backfill:{deployment}:{day}")
-        console.print(f"{day}: flow run {run.name} ({run.id})")
+    try:
+        days = days_between(start, end)
+        with get_client(sync_client=True) as client:
+            connect(client, PREFECT_API_URL.value())
+            runs = queue_days(client, deployment, days, rerun_failed)
+            if wait:
+                with Live(_runs_table(runs), console=console, auto_refresh=False) as live:
+                    runs = follow(client, runs, lambda fresh: live.update(_runs_table(fresh), refresh=True))
+    except ConfigurationError as exc:
+        console.print(f"[red]backfill refused:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not wait:
+        console.print(_runs_table(runs))
+    if wait and any(r.run.state is None or not r.run.state.is_completed() for r in runs):
+        raise typer.Exit(1)
+
+
+def _runs_table(runs):
+    """One line per day: its run, the run's state, whether this command queued it, and its page in the UI."""
+    from prefect.settings import PREFECT_UI_URL
+    from rich.table import Table
+
+    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
+    table = Table("day", "flow run", "state", "", "UI")
+    for r in runs:
+        state = r.run.state.name if r.run.state else "-"
+        colour = "green" if state == "Completed" else "red" if state in ("Failed", "Crashed", "Cancelled") else ""
+        table.add_row(r.day, r.run.name, f"[{colour}]{state}[/{colour}]" if colour else state,
+                      "queued" if r.queued else "existing", f"{ui}/runs/flow-run/{r.run.id}" if ui else "")
+    return table
 
 
 @app.command()
@@ -145,6 +183,45 @@ def validate(manifest: Annotated[str, typer.Argument(help="manifest URI")]) -> N
         console.print(f"[red]row {r.row}[/red] {type(r.error).__name__}: {r.error}")
     console.print(f"{len(rows)} rows, {len(bad)} invalid")
     raise typer.Exit(1 if bad else 0)
+
+
+server_app = typer.Typer(no_args_is_help=True, help="This machine's Prefect server in the background (history and "
+                                                   "UI persist; every command uses it while it is up).")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(port: Annotated[int, typer.Option(help="port of the API and the UI")] = 4200) -> None:
+    """Start the server (SQLite under ~/.avatar-batch, telemetry off) unless it is up; print its UI link."""
+    from flows import local_server
+
+    try:
+        server = local_server.start(port)
+    except RuntimeError as exc:
+        console.print(f"[red]server not started:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Prefect server up: UI {server.ui_url}  API {server.api_url}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the background server (its history stays for the next start)."""
+    from flows import local_server
+
+    stopped = local_server.stop()
+    console.print(f"stopped the server on port {stopped.port}" if stopped else "no server was running")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the server is up and where; exit 1 when it is not."""
+    from flows import local_server
+
+    server = local_server.running()
+    if server is None:
+        console.print("no server running; commands start a temporary one (`avatar-batch server start`)")
+        raise typer.Exit(1)
+    console.print(f"Prefect server up: UI {server.ui_url}  API {server.api_url} (pid {server.pid})")
 
 
 weights_app = typer.Typer(no_args_is_help=True, help="Check the checkpoints of the hunyuan-avatar backend.")
@@ -173,6 +250,12 @@ def main() -> None:
     (Prefect stops its temporary server and flushes run history there), flush stdio, and `os._exit` with the
     command's own exit code.
     """
+    if not os.environ.get("PREFECT_API_URL"):
+        from flows import local_server
+
+        server = local_server.running()
+        if server is not None:  # before Prefect reads its settings
+            os.environ["PREFECT_API_URL"] = server.api_url
     code = 0
     try:
         app()

@@ -28,7 +28,14 @@ def run_config(config: PipelineConfig | None, backend: str | None) -> PipelineCo
     return cfg if backend is None else PipelineConfig.model_validate({**cfg.model_dump(), "backend": backend})
 
 
-@flow(name="render-manifest", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True)
+def render_run_name() -> str:
+    """Runs are named after what they render: ``render-<manifest stem>``."""
+    uri = str(flow_run.parameters.get("manifest_uri", "manifest"))
+    return "render-" + uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+@flow(name="render-manifest", flow_run_name=render_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
+      validate_parameters=True)
 def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig | None = None,
                     backend: str | None = None, on_item: Callable[[ItemResult], None] | None = None) -> dict:
     """Render every row of the manifest at ``manifest_uri`` into ``output_uri``.

@@ -119,12 +119,15 @@ def s3_auth_server():
     server.wait()
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "avatar-batch"), *args], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="session")
-def cli():
-    """Run the installed `avatar-batch` command (argument list, no shell) and capture its output."""
-    return _cli
+def cli(tmp_path_factory):
+    """Run the installed `avatar-batch` command (argument list, no shell) and capture its output. Its state home
+    is the session's own, so a background server of the machine's user is never picked up."""
+    state = tmp_path_factory.mktemp("avatar-batch-state")
+
+    def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "avatar-batch"), *args],
+                              env={**os.environ, "AVATAR_BATCH_STATE": str(state), **env}, capture_output=True,
+                              text=True, timeout=600, check=False)
+
+    return run

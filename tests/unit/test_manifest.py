@@ -95,13 +95,36 @@ def test_results_are_written_whole_with_extra_columns(tmp_path):
 def test_folder_manifest_pairs_audio_with_longest_prefix_portrait(tmp_path):
     for name in ["alice.png", "alice_b.jpg", "bob.png", "alice_b_01.wav", "alice_02.mp3", "bob 3.wav"]:
         (tmp_path / name).write_bytes(b"x")
-    frame = manifest_for_folder(tmp_path).set_index("item_id")
-    assert Path(frame.loc["alice_b_01", "portrait_uri"]).name == "alice_b.jpg"
-    assert Path(frame.loc["alice_02", "portrait_uri"]).name == "alice.png"
-    assert Path(frame.loc["bob_3", "portrait_uri"]).name == "bob.png"
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    frame, skipped = manifest_for_folder(tmp_path, tmp_path / "out" / "m.parquet")
+    frame = frame.set_index("item_id")
+    assert frame.loc["alice_b_01", "portrait_uri"] == "../alice_b.jpg", "relative to the manifest's folder"
+    assert frame.loc["alice_02", "portrait_uri"] == "../alice.png"
+    assert (frame.loc["bob_3", "portrait_uri"], frame.loc["bob_3", "audio_uri"]) == ("../bob.png", "../bob 3.wav")
+    assert skipped == [tmp_path / "notes.txt"]
     (tmp_path / "carol.wav").write_bytes(b"x")
-    with pytest.raises(ValueError, match="carol.wav"):
-        manifest_for_folder(tmp_path)
+    with pytest.raises(ManifestError, match="carol.wav: no portrait whose name prefixes it"):
+        manifest_for_folder(tmp_path, tmp_path / "m.parquet")
+
+
+def test_folder_manifest_without_portraits_or_audio_is_one_clear_error(tmp_path):
+    (tmp_path / "line.wav").write_bytes(b"x")
+    with pytest.raises(ManifestError, match="no portrait images"):
+        manifest_for_folder(tmp_path, tmp_path / "m.parquet")
+    (tmp_path / "line.wav").unlink()
+    (tmp_path / "alice.png").write_bytes(b"x")
+    with pytest.raises(ManifestError, match="no audio files"):
+        manifest_for_folder(tmp_path, tmp_path / "m.parquet")
+
+
+def test_a_folder_manifest_travels_with_its_inputs(tmp_path):
+    """Written next to the inputs, read back through the schema, its relative URIs land on the files."""
+    (tmp_path / "alice.png").write_bytes(b"x")
+    (tmp_path / "alice_01.wav").write_bytes(b"x")
+    frame, _ = manifest_for_folder(tmp_path, tmp_path / "m.parquet")
+    frame.to_parquet(tmp_path / "m.parquet", index=False)
+    (row,) = load_manifest(str(tmp_path / "m.parquet"))
+    assert (row.portrait_uri, row.audio_uri) == (str(tmp_path / "alice.png"), str(tmp_path / "alice_01.wav"))
 
 
 
@@ -146,7 +169,7 @@ def test_extra_columns_of_any_type_reach_the_results_and_never_overwrite_each_ot
 def test_folder_manifest_gives_names_that_sanitise_alike_distinct_ids(tmp_path):
     for name in ["alice.png", "alice line.wav", "alice_line.wav", "alice?line.wav"]:
         (tmp_path / name).write_bytes(b"x")
-    ids = manifest_for_folder(tmp_path)["item_id"].tolist()
+    ids = manifest_for_folder(tmp_path, tmp_path / "m.parquet")[0]["item_id"].tolist()
     assert len(set(ids)) == 3 and "alice_line" in ids
 
 
