@@ -9,15 +9,16 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from manifests import ItemResult, ManifestError, load_manifest
+from manifests import ManifestError, load_manifest
 from manifests.folder import manifest_for_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -33,9 +34,13 @@ def render(
     max_workers: Annotated[Optional[int], typer.Option(help="concurrent stage tasks (default 4)")] = None,
     retries: Annotated[Optional[int], typer.Option(help="retries of transient failures per stage (default 3)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="JSON file with a PipelineConfig; flags override it")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line from INFO up")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no bar, no log lines: only the summary")] = False,
 ) -> None:
     """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the input is unusable."""
     from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.terminal import RenderProgress, failed_rows_table, route_logs
 
     from common.errors import ConfigurationError
     from flows.render_manifest import ItemsFailed, render_manifest
@@ -64,28 +69,25 @@ def render(
         raise typer.Exit(2) from exc
 
     flow = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("rendering", total=total)
-
-        def item_done(item: ItemResult) -> None:
-            progress.advance(bar)
-            if item.status == "failed":
-                progress.console.print(f"[red]✗ {item.item_id}[/red] {item.error_class}: {item.error_message}")
-
-        state = flow(manifest_uri=manifest, output_uri=output, config=cfg, on_item=item_done, return_state=True)
+    route_logs(console, verbose=verbose, quiet=quiet)
+    bar = RenderProgress(console, total, quiet=quiet)
+    with bar.shown():
+        state = flow(manifest_uri=manifest, output_uri=output, config=cfg, on_item=bar.item_done, return_state=True)
 
     outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, ItemsFailed):
-        console.print(f"[red]{outcome}[/red]")
-        raise typer.Exit(1)
     if isinstance(outcome, (ManifestError, ConfigurationError)):
         console.print(f"[red]run refused:[/red] {outcome}")
         raise typer.Exit(2)
-    if isinstance(outcome, BaseException):
+    if isinstance(outcome, BaseException) and not isinstance(outcome, ItemsFailed):
         console.print(f"[red]run failed:[/red] {type(outcome).__name__}: {outcome}")
         raise typer.Exit(1)
-    console.print(f"videos: {outcome['output_uri'].rstrip('/')}/videos/  results: {outcome['results_uri']}")
+    if bar.failed:
+        console.print(failed_rows_table(bar.failed))
+    results = f"{output.rstrip('/')}/results.parquet"
+    console.print(f"{total - len(bar.failed)} of {total} succeeded ({bar.counts['cached']} already done) · videos: "
+                  f"{output.rstrip('/')}/videos/ · results: {results}")
+    if isinstance(outcome, ItemsFailed):
+        raise typer.Exit(1)
     typer.echo(json.dumps(outcome, indent=2))
 
 
@@ -250,12 +252,19 @@ def main() -> None:
     (Prefect stops its temporary server and flushes run history there), flush stdio, and `os._exit` with the
     command's own exit code.
     """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (an ERROR line offline)
+    private_db = None
     if not os.environ.get("PREFECT_API_URL"):
         from flows import local_server
 
         server = local_server.running()
         if server is not None:  # before Prefect reads its settings
             os.environ["PREFECT_API_URL"] = server.api_url
+        elif "PREFECT_SERVER_DATABASE_CONNECTION_URL" not in os.environ:
+            # the temporary server of this command gets a database of its own: two commands at once never lock
+            # each other out of a shared SQLite file
+            private_db = tempfile.mkdtemp(prefix="avatar-batch-prefect-")
+            os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{private_db}/prefect.db"
     code = 0
     try:
         app()
@@ -265,6 +274,8 @@ def main() -> None:
     if handlers is not None:  # send the run's last log lines while the (temporary) API is still up
         handlers.APILogWorker.drain_all(timeout=5)
     atexit._run_exitfuncs()
+    if private_db:
+        shutil.rmtree(private_db, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
