@@ -40,10 +40,9 @@ def render(
     """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the input is unusable."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.terminal import RenderProgress, failed_rows_table, route_logs
-
     from common.errors import ConfigurationError
     from flows.render_manifest import ItemsFailed, render_manifest
+    from flows.terminal import RenderProgress, failed_rows_table, route_logs
     from tasks.checks import check_locations, prepare_run
     from tasks.config import PipelineConfig
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.utilities.annotations import allow_failure
 
@@ -27,8 +26,10 @@ from tasks.config import PipelineConfig
 from tasks.gpu import ensure_slot, slot_for
 from tasks.graph import ALL_STAGES, GRAPHS, Item
 from tasks.models import process_models
-from tasks.render import Job, StageFailed, resolve_task, stage_tasks
+from tasks.render import SKIPPED, Job, StageFailed, resolve_task, stage_tasks
 from tasks.stages.delivery import output_uris
+
+from .report import RunReport
 
 SHARED_KEYS_PER_ITEM = 8  # cached stage futures kept for reuse, per item of the window
 
@@ -52,6 +53,8 @@ def item_of(row: ManifestRow) -> Item:
 def outcome(future: PrefectFuture, shared: bool = False) -> StageOutcome:
     """A finished stage future as the results see it; a run shared with an earlier item is a hit for this one."""
     state = future.state
+    if state.name == SKIPPED:
+        return StageOutcome("not_run")  # an upstream stage failed
     if state.is_completed():
         ref = state.result()
         cached = shared or state.name == "Cached"
@@ -119,7 +122,7 @@ class ManifestRender:
             run.futures[stage.name] = self.by_key[key]
             run.shared.add(stage.name)
             return
-        inputs = {name: run.futures[name] for name in stage.inputs}
+        inputs = {name: allow_failure(run.futures[name]) for name in stage.inputs}  # see tasks.render.run_stage
         # this run's gpu stages queue here in submission order, so only other runs contend for the GPU slot
         # (a slot wait is a server poll that backs off up to 30 s; a local queue hands the GPU on at once)
         after = [allow_failure(self.last_gpu)] if stage.resource == "gpu" and self.last_gpu else None
@@ -234,8 +237,8 @@ class ManifestRender:
             if unused:
                 models.release(*unused)
 
-    def publish_results(self, manifest_uri: str, wall_seconds: float, flow_run_id: str) -> dict:
-        """results.parquet, summary.json and a table artifact; ItemsFailed if any row failed."""
+    def publish_results(self, manifest_uri: str, wall_seconds: float, flow_run_id: str, report: RunReport) -> dict:
+        """results.parquet, summary.json and the run's final artifacts; ItemsFailed if any row failed."""
         results_uri = storage.join(self.output_uri, "results.parquet")
         frame = write_results(self.results, results_uri, ALL_STAGES)
         n_failed = int((frame["status"] == "failed").sum())
@@ -246,10 +249,7 @@ class ManifestRender:
             "flow_run_id": flow_run_id,
         }
         storage.publish_bytes(json.dumps(summary, indent=2).encode(), storage.join(self.output_uri, "summary.json"))
-        table = frame[["item_id", "status", "error_class", "error_message", "output_uri", "frame_count", "cache_hits"]]
-        create_table_artifact(key="render-manifest-results", table=table.astype(object).where(table.notna(), None)
-                              .to_dict("records"), description=f"{summary['succeeded']} succeeded, {n_failed} failed: "
-                              f"{results_uri}")
+        report.final(frame, summary, self.output_uri)
         if n_failed:
             raise ItemsFailed(f"{n_failed} of {len(frame)} items failed; see {results_uri}")
         return summary

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from common.errors import ConfigurationError
@@ -15,8 +16,11 @@ from tasks.checks import check_locations, prepare_run
 from tasks.config import PipelineConfig
 
 from .dag import ItemsFailed, ManifestRender
+from .report import RunReport, artifact_prefix
 
-__all__ = ["ItemsFailed", "render_manifest", "run_config"]
+__all__ = ["ROWS_FAILED", "ItemsFailed", "render_manifest", "run_config"]
+
+ROWS_FAILED = "RowsFailed"
 
 
 def run_config(config: PipelineConfig | None, backend: str | None) -> PipelineConfig:
@@ -37,7 +41,7 @@ def render_run_name() -> str:
 @flow(name="render-manifest", flow_run_name=render_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
       validate_parameters=True)
 def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig | None = None,
-                    backend: str | None = None, on_item: Callable[[ItemResult], None] | None = None) -> dict:
+                    backend: str | None = None, on_item: Callable[[ItemResult], None] | None = None) -> dict | State:
     """Render every row of the manifest at ``manifest_uri`` into ``output_uri``.
 
     Run-level problems (unknown backend, a wrong fps, missing weights, an unreadable manifest) stop the run
@@ -55,6 +59,20 @@ def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig |
         logger.info("%s: %s%s", item.item_id, item.status,
                     f" ({item.error_class}: {item.error_message})" if item.error_class else "")
 
-    render = ManifestRender(cfg, output_uri, on_item, log)
+    report = RunReport(artifact_prefix(manifest_uri), len(rows), {r.item_id: (r.portrait_uri, r.audio_uri)
+                                                                  for r in rows})
+    report.start()
+
+    def ended(item: ItemResult) -> None:
+        report.item(item)
+        if on_item:
+            on_item(item)
+
+    render = ManifestRender(cfg, output_uri, ended, log)
     render.render(rows)
-    return render.publish_results(manifest_uri, time.perf_counter() - started, str(flow_run.id))
+    try:
+        return render.publish_results(manifest_uri, time.perf_counter() - started, str(flow_run.id), report)
+    except ItemsFailed as exc:
+        # finished, with failed rows: Failed by type (alerts fire), "RowsFailed" by name, so that it differs from a
+        # crash (Crashed) and from a refused run (Failed, named Failed)
+        return Failed(name=ROWS_FAILED, message=str(exc), data=exc)

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
+from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from common import storage
@@ -70,8 +71,20 @@ def _guarded(fn: Callable[..., BaseModel], *args: Any) -> BaseModel:
     return ref.model_copy(update={"seconds": time.perf_counter() - started, "attempts": task_run.run_count})
 
 
-def run_stage(stage: str, item_id: str, key: str, inputs: dict[str, BaseModel], job: Job) -> BaseModel:
-    """The body of every stage task: the stage's pure function, timed."""
+# the terminal state of a stage whose input stage did not complete: of type Failed, so that the stages after it
+# receive it through `allow_failure` too (a Cancelled one would leave them Pending), and never cached or retried
+SKIPPED = "Skipped"
+
+
+def run_stage(stage: str, item_id: str, key: str, inputs: dict[str, Any], job: Job) -> BaseModel | State:
+    """The body of every stage task: the stage's pure function, timed.
+
+    Inputs arrive even when their stage failed (the flow passes them with `allow_failure`), so that a stage after a
+    failed one ends in a terminal `Skipped` state naming the cause instead of staying Pending forever.
+    """
+    missing = [name for name, ref in inputs.items() if not isinstance(ref, BaseModel)]
+    if missing:
+        return Failed(name=SKIPPED, message=f"not run: {', '.join(missing)} did not complete")
     spec = GRAPHS[job.cfg.backend].stage(stage)
     call = StageCall(stage=stage, key=key, item=job.item, cfg=job.cfg, resolved=job.resolved, inputs=inputs,
                      cache_uri=job.cache_uri, output_uri=job.output_uri,

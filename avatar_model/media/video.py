@@ -210,3 +210,16 @@ def _stream_seconds(stream: av.stream.Stream | None) -> float:
     if stream is None or not stream.duration or stream.time_base is None:
         return 0.0
     return float(stream.duration * stream.time_base)
+
+
+def middle_frame(path: str | Path) -> np.ndarray:
+    """The frame at the middle of a video as RGB uint8 (seek to the keyframe before it, decode on to it)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        target = (stream.duration or 0) // 2
+        if target:
+            container.seek(target, stream=stream)
+        for frame in container.decode(stream):
+            if frame.pts is None or frame.pts >= target:
+                return frame.to_ndarray(format="rgb24")
+    raise EncoderError(f"{path}: the video has no frame to show")

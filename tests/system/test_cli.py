@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.system
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture()
+def inputs_with_a_bad_row(tmp_path, demo_dir) -> Path:
+    """Two good lines and one whose audio is not audio, as a manifest of absolute paths."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    audio = [demo_dir / "hello_en_us.wav", demo_dir / "fox_en_f.wav", broken]
+    manifest = tmp_path / "lines.parquet"
+    pd.DataFrame({"item_id": ["hello", "fox", "broken"], "portrait_uri": [str(demo_dir / "astronaut.png")] * 3,
+                  "audio_uri": [str(a) for a in audio]}).to_parquet(manifest, index=False)
+    return manifest
 
 
 def test_make_manifest_then_validate_then_render_with_a_bad_row(tmp_path, demo_dir, prefect_server, cli):
@@ -83,3 +100,44 @@ def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_d
         assert "Traceback" not in done.stderr.split("run refused")[1]
     assert not (tmp_path / "out").exists()
     assert _task_run_count(prefect_server["PREFECT_API_URL"]) == before, "no task ran"
+
+
+def test_a_render_in_a_terminal_shows_one_progress_bar_and_no_error_lines(tmp_path, inputs_with_a_bad_row):
+    """Captured in a pseudo-terminal and replayed through a terminal emulator (pyte): the failed row's line sits
+    above the bar, the bar is redrawn in place, and the scrollback holds no copies of it."""
+    import pty
+    import select
+
+    import pyte
+
+    manifest = inputs_with_a_bad_row
+    leader, follower = pty.openpty()
+    os.set_inheritable(follower, True)
+    env = {**os.environ, "AVATAR_BATCH_STATE": str(tmp_path / "state"), "TERM": "xterm-256color",
+           "COLUMNS": "120", "LINES": "30"}
+    process = subprocess.Popen([str(BIN / "avatar-batch"), "render", str(manifest), "--output", str(tmp_path / "out")],
+                               stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    captured = bytearray()
+    while True:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            captured += chunk
+        elif process.poll() is not None:
+            break
+    process.wait(timeout=60)
+    os.close(leader)
+    screen = pyte.HistoryScreen(120, 30, history=10000)
+    pyte.ByteStream(screen).feed(bytes(captured))
+    lines = ["".join(char.data for char in row.values()) for row in screen.history.top] + screen.display
+    text = "\n".join(lines)
+    assert process.returncode == 1, text[-3000:]
+    assert sum("rendering" in line and "━" in line for line in lines) == 1, text[-3000:]
+    assert "✗ broken" in text and "1 failed row(s)" in text
+    assert "Traceback" not in text and "ERROR" not in text and "Error logging to API" not in text
