@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
+PORT ?= 4200
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
@@ -20,7 +21,9 @@ $(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt pyprojec
 
 install: $(VENV)/.installed
 
+# the demo renders through this machine's background Prefect server, so its run stays in the UI (link printed)
 demo: install
+	$(BIN)/avatar-batch server start --port $(PORT)
 	$(BIN)/avatar-batch render manifests/demo.parquet --output $(OUT)
 
 test: install

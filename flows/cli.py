@@ -85,6 +85,10 @@ def render(
     results = f"{output.rstrip('/')}/results.parquet"
     console.print(f"{total - len(bar.failed)} of {total} succeeded ({bar.counts['cached']} already done) · videos: "
                   f"{output.rstrip('/')}/videos/ · results: {results}")
+    if os.environ.get("PREFECT_API_URL"):  # a lasting server (not this command's temporary one): link the run
+        from prefect.settings import PREFECT_UI_URL
+
+        console.print(f"flow run: {PREFECT_UI_URL.value()}/runs/flow-run/{state.state_details.flow_run_id}")
     if isinstance(outcome, ItemsFailed):
         raise typer.Exit(1)
     typer.echo(json.dumps(outcome, indent=2))

@@ -141,3 +141,40 @@ def test_a_render_in_a_terminal_shows_one_progress_bar_and_no_error_lines(tmp_pa
     assert sum("rendering" in line and "━" in line for line in lines) == 1, text[-3000:]
     assert "✗ broken" in text and "1 failed row(s)" in text
     assert "Traceback" not in text and "ERROR" not in text and "Error logging to API" not in text
+
+
+def _clean(done: subprocess.CompletedProcess) -> str:
+    said = done.stdout + done.stderr
+    for bad in ("ERROR", "Traceback", "Error logging to API", "database is locked"):
+        assert bad not in said, said[-3000:]
+    return said
+
+
+def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, inputs_with_a_bad_row):
+    """`make demo` starts this machine's server and renders through it (its run linked); two renders at once,
+    through that server and then each with a temporary server of its own, both succeed cleanly."""
+    from conftest import free_port
+
+    repo = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = {**os.environ, "AVATAR_BATCH_STATE": str(tmp_path / "state")}
+    env.pop("PREFECT_API_URL", None)
+    try:
+        demo = subprocess.run(["make", "-C", str(repo), "demo", f"OUT={tmp_path / 'demo'}", f"PORT={port}"],
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+        said = _clean(demo)
+        assert demo.returncode == 0, said[-3000:]
+        assert f"http://127.0.0.1:{port}/runs/flow-run/" in said and "3 of 3 succeeded" in said
+
+        for server in ("shared", "temporary"):
+            if server == "temporary":
+                subprocess.run([str(BIN / "avatar-batch"), "server", "stop"], env=env, check=True, timeout=120)
+            renders = [subprocess.Popen([str(BIN / "avatar-batch"), "render", str(repo / "manifests" / "demo.parquet"),
+                                         "--output", str(tmp_path / f"{server}-{n}")], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in range(2)]
+            for process in renders:
+                stdout, stderr = process.communicate(timeout=600)
+                _clean(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+                assert process.returncode == 0, stderr[-3000:]
+    finally:
+        subprocess.run([str(BIN / "avatar-batch"), "server", "stop"], env=env, check=False, timeout=120)
