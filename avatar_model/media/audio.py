@@ -80,8 +80,8 @@ def probe_seconds(path: str | Path, name: str = "audio") -> float | None:
             if stream.duration is not None and stream.time_base is not None:
                 return float(stream.duration * stream.time_base)
             return container.duration / av.time_base if container.duration is not None else None
-    except av.FFmpegError as exc:
-        raise UndecodableAudio(f"{name}: cannot decode audio: {exc}") from exc
+    except av.FFmpegError as exc:  # named by the input, not by the local copy it was read from
+        raise UndecodableAudio(f"{name}: cannot decode audio: {str(exc).replace(repr(str(path)), 'it')}") from exc
 
 
 def decode_to_wav(path: str | Path, dest: str | Path, sample_rate: int, name: str = "audio",
@@ -125,7 +125,8 @@ def decode_to_wav(path: str | Path, dest: str | Path, sample_rate: int, name: st
             raise TransientError(f"{name}: decoding audio timed out after {timeout_s} s")
         if process.returncode != 0:
             stderr.seek(0)
-            raise UndecodableAudio(f"{name}: cannot decode audio: {stderr_tail(stderr.read())}")
+            raise UndecodableAudio(f"{name}: cannot decode audio: "
+                                   f"{stderr_tail(stderr.read()).replace(str(path), 'the input')}")
     logger.debug("%s: decoded %d samples at %d Hz", name, n_samples, sample_rate)
     return SpeechStats(n_samples, peak)
 

@@ -37,6 +37,8 @@ def load_image(data: bytes, name: str = "image", max_pixels: int | None = None) 
             img.load()
             upright = ImageOps.exif_transpose(img)
             return _to_rgb(upright)
+    except Image.UnidentifiedImageError as exc:  # its message would show a BytesIO repr
+        raise UndecodableImage(f"{name}: cannot decode image: not in an image format Pillow reads") from exc
     except _DECODE_ERRORS as exc:
         raise UndecodableImage(f"{name}: cannot decode image: {exc}") from exc
 

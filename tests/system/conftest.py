@@ -22,6 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def port() -> int:
+    """A free port on 127.0.0.1."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a free port with its own PREFECT_HOME; yields the env clients need."""

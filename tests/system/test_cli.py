@@ -150,13 +150,10 @@ def _clean(done: subprocess.CompletedProcess) -> str:
     return said
 
 
-def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, inputs_with_a_bad_row):
+def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port):
     """`make demo` starts this machine's server and renders through it (its run linked); two renders at once,
     through that server and then each with a temporary server of its own, both succeed cleanly."""
-    from conftest import free_port
-
     repo = Path(__file__).resolve().parents[2]
-    port = free_port()
     env = {**os.environ, "AVATAR_BATCH_STATE": str(tmp_path / "state")}
     env.pop("PREFECT_API_URL", None)
     try:
@@ -178,3 +175,45 @@ def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, inputs_
                 assert process.returncode == 0, stderr[-3000:]
     finally:
         subprocess.run([str(BIN / "avatar-batch"), "server", "stop"], env=env, check=False, timeout=120)
+
+
+def test_validate_deep_reports_missing_undecodable_and_faceless_rows_without_rendering(tmp_path, demo_dir, cli):
+    import numpy as np
+    from PIL import Image
+
+    gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(tmp_path / "no_face.png")
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    (tmp_path / "garbage.wav").write_bytes(b"not audio")
+    portrait, audio = str(demo_dir / "astronaut.png"), str(demo_dir / "hello_en_us.wav")
+    rows = {"good": (portrait, audio), "missing": (str(tmp_path / "nope.png"), audio),
+            "bad-image": (str(tmp_path / "garbage.png"), audio), "bad-audio": (portrait, str(tmp_path / "garbage.wav")),
+            "no-face": (str(tmp_path / "no_face.png"), audio)}
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"item_id": list(rows), "portrait_uri": [p for p, _ in rows.values()],
+                  "audio_uri": [a for _, a in rows.values()]}).to_parquet(manifest, index=False)
+
+    shallow = cli(["validate", str(manifest)], {})
+    assert shallow.returncode == 0, "the schema and ids are fine"
+    done = cli(["validate", str(manifest), "--deep"], {})
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "5 rows, 4 invalid" in said, said
+    for item, error, name in (("missing", "ObjectNotFound", "nope.png"), ("bad-image", "UndecodableImage",
+                              "garbage.png"), ("bad-audio", "UndecodableAudio", "garbage.wav"),
+                              ("no-face", "FaceNotFound", "no_face.png")):
+        (line,) = [line for line in said.splitlines() if f"({item})" in line]
+        assert error in line and name in line, line
+    assert "BytesIO" not in said and "object at 0x" not in said, "no Python object reprs"
+    assert not list(tmp_path.glob("**/*.mp4")), "nothing was rendered"
+
+
+def test_make_manifest_refuses_folders_it_cannot_pair_in_one_line(tmp_path, cli):
+    (tmp_path / "only_audio").mkdir()
+    (tmp_path / "only_audio" / "line.wav").write_bytes(b"x")
+    (tmp_path / "only_images").mkdir()
+    (tmp_path / "only_images" / "alice.png").write_bytes(b"x")
+    for folder, message in (("only_audio", "no portrait images"), ("only_images", "no audio files")):
+        done = cli(["make-manifest", str(tmp_path / folder), "--output", str(tmp_path / f"{folder}.parquet")], {})
+        said = done.stdout + done.stderr
+        assert done.returncode == 2 and message in said and "Traceback" not in said, said
+        assert not (tmp_path / f"{folder}.parquet").exists()
