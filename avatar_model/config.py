@@ -41,7 +41,7 @@ class PreviewConfig(_Frozen):
     attack_ms: float = 15.0
     release_ms: float = 90.0
     jaw_drop: float = Field(0.11, description="maximum jaw drop as a fraction of face height")
-    mouth_darken: float = Field(0.65, ge=0, le=1, description="darkening of the open mouth interior")
+    mouth_darken: float = Field(0.95, ge=0, le=1, description="opacity of the painted mouth interior")
     blink_per_minute: float = 17.0
     blink_frames: int = 5
     head_rotate_deg: float = 1.6

@@ -23,7 +23,7 @@ class PreviewRenderer:
     """Envelope-driven portrait animation; deterministic for a given audio, portrait and seed."""
 
     name = "preview"
-    version = "1"
+    version = "2"  # 2: painted mouth interior and eyelids
 
     def __init__(self, config: PreviewConfig, video: VideoConfig):
         self.config = config

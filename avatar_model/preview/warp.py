@@ -15,7 +15,9 @@ import numpy as np
 from ..config import PreviewConfig
 from ..face.detector import FaceBox, FaceLandmarks, estimate_landmarks
 
-MOUTH_INTERIOR_RGB = (60.0, 22.0, 26.0)  # dark red-brown of a mouth in shadow
+MOUTH_INTERIOR_RGB = (48.0, 16.0, 20.0)  # dark red-brown of a mouth in shadow
+TONGUE_RGB = (150.0, 62.0, 70.0)
+LID_PULL = 0.3  # share of a blink done by moving pixels; the rest is the painted lid
 MIN_SHIFT_PX = 0.02  # displacements below this are invisible; the region outside them is not remapped
 
 
@@ -64,6 +66,8 @@ class PortraitWarp:
         self.map_x = np.empty_like(self.grid_x)
         self.map_y = np.empty_like(self.grid_y)
         self._init_mouth(jaw, marks)
+        self.lids = [_Lid(self.portrait, eye, marks.eye_height, 0.13 * face.w) for eye in (marks.left_eye,
+                                                                                           marks.right_eye)]
 
     def _jaw_field(self, xs: np.ndarray, ys: np.ndarray, face: FaceBox, marks: FaceLandmarks) -> np.ndarray:
         """Weight of the downward jaw pull: 0 above the lip line, 1 on lower lip and chin, fading below.
@@ -117,9 +121,9 @@ class PortraitWarp:
         rows, cols = np.mgrid[top:bottom, left:right].astype(np.float32)
         across = (cols - mouth_x) / half_w
         down = (rows - marks.lip_y(cols) - 0.5 * self.lip_ramp_px) / (0.5 * self.lip_ramp_px)
-        self.mouth_shape = _smoothstep((1.0 - across**2 - down**2) / 0.7)
-        self.mouth_blur = max(3, int(marks.mouth_width / 8) | 1)
-        self.mouth_color = np.asarray(MOUTH_INTERIOR_RGB, dtype=np.float32)
+        lens = 1.0 - across**2 - down**2
+        self.mouth_shape = _smoothstep(lens / 0.7)
+        self.mouth_interior = _mouth_interior(np.clip(lens, 0.0, 1.0), down)
 
     def frame(self, mouth_open: float, blink: float, rotate_deg: float, dx: float, dy: float) -> np.ndarray:
         """The portrait moved by one frame's motion values, as a new (H, W, 3) uint8 array."""
@@ -131,7 +135,8 @@ class PortraitWarp:
         cv2.scaleAdd(self.rotate_y, angle, self.grid_y, dst=self.map_y)
         cv2.scaleAdd(self.head, -shift_y, self.map_y, dst=self.map_y)
         cv2.scaleAdd(self.jaw, -drop, self.map_y, dst=self.map_y)
-        cv2.scaleAdd(self.eyelids, -blink * self.eye_px, self.map_y, dst=self.map_y)
+        # the lid mostly slides over the eye (painted below); a slight pull keeps the skin around it alive
+        cv2.scaleAdd(self.eyelids, -LID_PULL * blink * self.eye_px, self.map_y, dst=self.map_y)
         out = self.portrait.copy()
         top, bottom, left, right = self.roi
         out[top:bottom, left:right] = cv2.remap(
@@ -139,6 +144,9 @@ class PortraitWarp:
         )
         if mouth_open > 0.0:
             self._darken_mouth(out, mouth_open)
+        if blink > 0.0:
+            for lid in self.lids:
+                lid.close(out, blink, shift_x, shift_y)
         return out
 
     def _darken_mouth(self, out: np.ndarray, mouth_open: float) -> None:
@@ -146,13 +154,58 @@ class PortraitWarp:
         top, bottom, left, right = self.mouth_box
         if bottom <= top or right <= left:
             return
-        opening = (self.mouth_shape * _smoothstep((mouth_open * self.mouth_slope - 0.2) / 0.5))[:, :, None]
+        opening = (self.mouth_shape * _smoothstep((mouth_open * self.mouth_slope - 0.1) / 0.3))[:, :, None]
         region = out[top:bottom, left:right]
-        # stretched teeth and lips smear into vertical streaks: blur them sideways before tinting
-        smeared = cv2.blur(region, (self.mouth_blur, 1)).astype(np.float32)
-        inside = region * (1.0 - opening) + smeared * opening
+        # the stretched band (smeared teeth and lips) is painted over with a shaded interior, so nothing streaks
         alpha = self.config.mouth_darken * opening
-        region[...] = (inside * (1.0 - alpha) + self.mouth_color * alpha + 0.5).astype(np.uint8)
+        region[...] = (region * (1.0 - alpha) + self.mouth_interior * alpha + 0.5).astype(np.uint8)
+
+
+class _Lid:
+    """An upper eyelid drawn over one eye: the skin just above the eye, shaded, with a dark lash line at its edge,
+    coming down as the blink closes (the eye is covered, not squashed)."""
+
+    def __init__(self, portrait: np.ndarray, eye: tuple[float, float], eye_h: float, half_w: float):
+        height, width = portrait.shape[:2]
+        eye_x, eye_y = eye
+        self.top = max(0, int(eye_y - 0.9 * eye_h))
+        self.bottom = min(height, int(math.ceil(eye_y + 0.7 * eye_h)))
+        self.left, self.right = max(0, int(eye_x - half_w)), min(width, int(math.ceil(eye_x + half_w)))
+        rows, cols = np.mgrid[self.top:self.bottom, self.left:self.right].astype(np.float32)
+        # the eye's almond: full in the middle, fading to nothing at the corners and above and below the eye
+        self.almond = _smoothstep((1.0 - ((cols - eye_x) / half_w) ** 2 - ((rows - eye_y) / (0.8 * eye_h)) ** 2)
+                                  / 0.6)
+        self.closed_y = eye_y + 0.3 * eye_h  # where the lid meets the lower lid
+        skin_row = max(0, int(eye_y - 1.0 * eye_h))
+        skin = portrait[max(0, skin_row - 2):skin_row + 3, self.left:self.right].astype(np.float32).mean(axis=0)
+        self.skin = cv2.GaussianBlur(skin[None], (0, 0), sigmaX=max(1.0, 0.15 * half_w))[0] * 0.96
+        self.rows = np.arange(self.top, self.bottom, dtype=np.float32)[:, None]
+        self.edge = max(1.0, 0.12 * eye_h)
+
+    def close(self, out: np.ndarray, blink: float, shift_x: float, shift_y: float) -> None:
+        if self.bottom <= self.top or self.right <= self.left:
+            return
+        lid_y = self.top + blink * (self.closed_y - self.top)
+        cover = _smoothstep((lid_y - self.rows) / self.edge + 0.5) * self.almond
+        lash = np.exp(-(((self.rows - lid_y) / self.edge) ** 2)) * blink * self.almond
+        colour = self.skin[None, :, :] * (1.0 - 0.55 * lash[:, :, None])
+        alpha = np.maximum(cover, lash)[:, :, None]
+        top, bottom = self.top + int(round(shift_y)), self.bottom + int(round(shift_y))
+        left, right = self.left + int(round(shift_x)), self.right + int(round(shift_x))
+        if top < 0 or left < 0 or bottom > out.shape[0] or right > out.shape[1]:
+            return
+        region = out[top:bottom, left:right]
+        region[...] = (region * (1.0 - alpha) + colour * alpha + 0.5).astype(np.uint8)
+
+
+def _mouth_interior(depth: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """The inside of an open mouth, (h, w, 3) float: darkest deep in the middle and lighter towards the lips
+    (depth shading), with the back of the tongue rising from the bottom."""
+    shade = 1.0 - 0.75 * np.sqrt(depth)  # 1 at the lips, 0.25 deep inside
+    interior = np.asarray(MOUTH_INTERIOR_RGB, dtype=np.float32) * (0.55 + 0.9 * shade[:, :, None])
+    tongue = (_smoothstep((down - 0.05) / 0.5) * _smoothstep(depth / 0.3))[:, :, None]
+    return (interior * (1.0 - 0.7 * tongue) + np.asarray(TONGUE_RGB, dtype=np.float32) * 0.7 * tongue).astype(
+        np.float32)
 
 
 def _mouth_core(xs: np.ndarray, marks: FaceLandmarks) -> np.ndarray:

@@ -150,3 +150,37 @@ def test_the_envelope_is_the_same_for_any_split_of_the_clip(speech_with_pauses):
         pieces = [audio[i:i + block] for i in range(0, len(audio), block)]
         np.testing.assert_array_equal(speech_envelope_db(pieces, sr, n, VIDEO.fps, (300.0, 3400.0)), whole)
     assert whole[-1] < -100 and whole.max() > -40
+
+
+def _luma(pixels: np.ndarray) -> float:
+    return float((pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).mean())
+
+
+def test_the_open_mouth_is_darker_than_the_lips_and_the_closed_mouth_is_the_portrait(astronaut):
+    from avatar_model.preview.warp import PortraitWarp
+
+    warp = PortraitWarp(astronaut, detect_face(astronaut), PreviewConfig())
+    assert (warp.frame(0.0, 0.0, 0.0, 0.0, 0.0) == astronaut).all(), "closed: the portrait itself"
+    opened = warp.frame(1.0, 0.0, 0.0, 0.0, 0.0)
+    top, bottom, left, right = warp.mouth_box
+    inside = warp.mouth_shape > 0.9
+    interior = opened[top:bottom, left:right][inside]
+    lips = astronaut[top - 3:top, left + (right - left) // 4:right - (right - left) // 4]  # the upper lip
+    assert _luma(interior) < 0.5 * _luma(lips), (_luma(interior), _luma(lips))
+    assert _luma(interior) < _luma(astronaut[top:bottom, left:right][inside]) - 40, "darker than what was there"
+
+
+def test_a_blink_covers_the_eye_with_a_lid_instead_of_squashing_it(astronaut):
+    """Closed, the eye's dark iris and pupil are covered by skin-coloured lid, and the brow above is untouched."""
+    from avatar_model.preview.warp import PortraitWarp
+
+    face = detect_face(astronaut)
+    warp = PortraitWarp(astronaut, face, PreviewConfig())
+    closed = warp.frame(0.0, 1.0, 0.0, 0.0, 0.0)
+    for lid in warp.lids:
+        eye = (slice(lid.top, int(lid.closed_y)), slice(lid.left, lid.right))
+        covered = lid.almond[: int(lid.closed_y) - lid.top] > 0.9
+        assert _luma(closed[eye][covered]) > _luma(astronaut[eye][covered]) + 15, "the dark eye still shows"
+        assert np.abs(closed[eye][covered].astype(float) - lid.skin.mean(axis=0)).mean() < 25, "not skin-coloured"
+    brow = slice(max(0, warp.lids[0].top - int(face.h * 0.08)), warp.lids[0].top - 2)
+    assert np.abs(closed[brow].astype(int) - astronaut[brow]).max() < 40
