@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POSES = [(0.0, 0.0), (0.35, 0.0), (0.7, 0.0), (1.0, 0.0), (0.0, 0.6), (0.0, 1.0)]  # (mouth_open, blink)
+# (mouth_open, blink, lip width): rest, opening, rounded ("oo") and spread ("ee"), a blink
+POSES = [(0.0, 0.0, 0.0), (0.35, 0.0, 0.0), (0.7, 0.0, 0.0), (1.0, 0.0, 0.0), (0.6, 0.0, -1.0), (0.6, 0.0, 1.0),
+         (0.0, 0.6, 0.0), (0.0, 1.0, 0.0)]
 
 RENDER = """
 import json, sys, time
@@ -35,8 +37,12 @@ for name in ("astronaut.png", "astronaut_closeup.jpg"):
     warp = PortraitWarp(img, face, PreviewConfig())
     x0, y0 = max(0, int(face.x - 0.05 * face.w)), max(0, int(face.y + 0.1 * face.h))
     x1, y1 = int(face.x + 1.05 * face.w), int(face.y + 1.15 * face.h)
-    tiles = [np.asarray(Image.fromarray(warp.frame(m, b, 0, 0, 0)[y0:y1, x0:x1]).resize((200, 200)))
-             for m, b in {poses!r}]
+    def pose(m, b, w):
+        try:
+            return warp.frame(m, b, 0, 0, 0, w)
+        except TypeError:  # a renderer from before lip width
+            return warp.frame(m, b, 0, 0, 0)
+    tiles = [np.asarray(Image.fromarray(pose(m, b, w)[y0:y1, x0:x1]).resize((160, 160))) for m, b, w in {poses!r}]
     rows.append(np.concatenate(tiles, axis=1))
 Image.fromarray(np.concatenate(rows, axis=0)).save({out!r})
 """
@@ -92,7 +98,7 @@ def main() -> None:
         _sheet(REPO, tmp / "after.png")
         sheets.append(("now" if args.before else "preview", Image.open(tmp / "after.png").copy()))
     width = sheets[0][1].width
-    labels = "   ".join(f"mouth {m:g} blink {b:g}" for m, b in POSES)
+    labels = "   ".join(f"mouth {m:g} blink {b:g} width {w:+g}" for m, b, w in POSES)
     out = Image.new("RGB", (width, sum(s.height + 22 for _, s in sheets) + 18), "white")
     draw = ImageDraw.Draw(out)
     draw.text((6, 2), labels, fill="black")

@@ -6,7 +6,7 @@ independent of the portrait, so one audio track can drive any face.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +27,7 @@ class MotionTrack:
     head_rotate_deg: np.ndarray
     head_dx: np.ndarray
     head_dy: np.ndarray
+    mouth_width: np.ndarray  # -1 rounded .. 0 at rest .. +1 spread
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -49,37 +50,68 @@ class MotionTrack:
             return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
-def speech_envelope_db(
-    blocks: Iterable[np.ndarray], sample_rate: int, n_frames: int, fps: int, band_hz: tuple[float, float]
+def band_levels_db(
+    blocks: Iterable[np.ndarray], sample_rate: int, n_frames: int, fps: int, bands: Sequence[tuple[float, float]]
 ) -> np.ndarray:
-    """Level in dBFS of the speech band during each video frame (frame i covers [i/fps, (i+1)/fps)).
+    """Level in dBFS of each frequency band during each video frame (frame i covers [i/fps, (i+1)/fps)), as an
+    array (len(bands), n_frames).
 
-    ``blocks`` are the mono clip in consecutive pieces: the filter state and the running energy carry across
+    ``blocks`` are the mono clip in consecutive pieces: each band's filter state and running energy carry across
     them, so the result is the same for any split and memory stays flat in the clip's length.
     """
-    low, high = band_hz
-    high = min(high, 0.45 * sample_rate)
-    sos = signal.butter(4, (low, high), btype="bandpass", fs=sample_rate, output="sos")
-    state = np.zeros((sos.shape[0], 2))
+    filters = [signal.butter(4, (low, min(high, 0.45 * sample_rate)), btype="bandpass", fs=sample_rate,
+                             output="sos") for low, high in bands]
+    states = [np.zeros((sos.shape[0], 2)) for sos in filters]
     bounds = np.round(np.arange(n_frames + 1) * sample_rate / fps).astype(np.int64)
-    energy_at = np.zeros(len(bounds))  # running sum of squares at each frame boundary
-    filled, offset, total = 0, 0, 0.0
+    energy_at = np.zeros((len(bands), len(bounds)))  # each band's running sum of squares at each frame boundary
+    totals = np.zeros(len(bands))
+    filled, offset = 0, 0
     for block in blocks:
-        # causal: its ~1 ms delay is far below a frame
-        band, state = signal.sosfilt(sos, block.astype(np.float64), zi=state)
-        energy = np.cumsum(np.concatenate([[total], band**2]))  # the sum over samples [0, offset + j)
-        end = offset + len(band)
+        samples = block.astype(np.float64)
+        end = offset + len(samples)
         upto = int(np.searchsorted(bounds, end, side="right"))
-        energy_at[filled:upto] = energy[bounds[filled:upto] - offset]
-        filled, offset, total = upto, end, float(energy[-1])
-    energy_at[filled:] = total  # frames past the clip's end hear silence
+        for b, sos in enumerate(filters):
+            # causal: its ~1 ms delay is far below a frame
+            band, states[b] = signal.sosfilt(sos, samples, zi=states[b])
+            energy = np.cumsum(np.concatenate([[totals[b]], band**2]))  # the sum over samples [0, offset + j)
+            energy_at[b, filled:upto] = energy[bounds[filled:upto] - offset]
+            totals[b] = energy[-1]
+        filled, offset = upto, end
+    energy_at[:, filled:] = totals[:, None]  # frames past the clip's end hear silence
     lengths = np.maximum(bounds[1:] - bounds[:-1], 1)
-    rms = np.sqrt(np.maximum(energy_at[1:] - energy_at[:-1], 0.0) / lengths)
+    rms = np.sqrt(np.maximum(energy_at[:, 1:] - energy_at[:, :-1], 0.0) / lengths)
     return (20.0 * np.log10(rms + 1e-9)).astype(np.float32)
 
 
-def mouth_opening(envelope_db: np.ndarray, fps: int, attack_ms: float, release_ms: float) -> np.ndarray:
-    """Map the envelope to [0, 1] between a robust floor and loud level, then smooth with attack/release."""
+def lip_width(low_db: np.ndarray, high_db: np.ndarray, mouth: np.ndarray, spread_db: float = 6.0) -> np.ndarray:
+    """-1 (rounded, "oo") .. +1 (spread, "ee") from the balance of high over low speech energy, relative to the
+    clip's own voiced median, and only as far as the mouth is open."""
+    balance = high_db - low_db
+    voiced = mouth > 0.2
+    centre = float(np.median(balance[voiced])) if voiced.any() else 0.0
+    width = np.tanh((balance - centre) / spread_db) * np.clip(2.0 * mouth, 0.0, 1.0)
+    smoothed = np.empty_like(width)
+    level = 0.0
+    for i, value in enumerate(width):  # lips reshape over ~3 frames, not frame by frame
+        level = 0.6 * level + 0.4 * value
+        smoothed[i] = level
+    return smoothed.astype(np.float32)
+
+
+def bilabial_closures(speech_db: np.ndarray, jump_db: float = 12.0) -> np.ndarray:
+    """Frames just before a burst of speech out of quiet (a /p/, /b/, /m/ release is a sudden onset): where the
+    lips should be shut."""
+    rise = np.diff(speech_db, prepend=speech_db[:1])
+    onset = (rise > jump_db) & (np.roll(speech_db, 1) < speech_db.max() - 20.0)
+    closing = np.zeros(len(speech_db), dtype=bool)
+    closing[:-1] |= onset[1:]  # the frame before the release
+    return closing
+
+
+def mouth_opening(envelope_db: np.ndarray, fps: int, attack_ms: float, release_ms: float,
+                  closed: np.ndarray | None = None) -> np.ndarray:
+    """Map the envelope to [0, 1] between a robust floor and loud level, then smooth with attack/release; frames
+    in ``closed`` (bilabial closures) aim for shut lips."""
     if len(envelope_db) == 0:
         return np.zeros(0, dtype=np.float32)
     loud = float(np.percentile(envelope_db, 95))
@@ -88,12 +120,15 @@ def mouth_opening(envelope_db: np.ndarray, fps: int, attack_ms: float, release_m
     floor = max(float(np.percentile(envelope_db, 10)), loud - FLOOR_RANGE_DB)
     span = max(loud - floor, MIN_RANGE_DB)
     target = np.clip((envelope_db - floor) / span, 0.0, 1.0)
+    if closed is not None:
+        target = np.where(closed, 0.0, target)
     attack = np.exp(-1000.0 / (fps * attack_ms)) if attack_ms > 0 else 0.0
     release = np.exp(-1000.0 / (fps * release_ms)) if release_ms > 0 else 0.0
     smoothed = np.empty(len(target), dtype=np.float32)
     level = 0.0
+    shut = np.zeros(len(target), dtype=bool) if closed is None else closed
     for i, value in enumerate(target):
-        coefficient = attack if value > level else release
+        coefficient = attack if value > level or shut[i] else release  # lips press shut as fast as they open
         level = coefficient * level + (1.0 - coefficient) * value
         smoothed[i] = level
     return smoothed

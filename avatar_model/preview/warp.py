@@ -17,6 +17,7 @@ from ..face.detector import FaceBox, FaceLandmarks, estimate_landmarks
 
 MOUTH_INTERIOR_RGB = (48.0, 16.0, 20.0)  # dark red-brown of a mouth in shadow
 TONGUE_RGB = (150.0, 62.0, 70.0)
+LIP_SPREAD = 0.18  # the corners move this share of half the mouth's width at full spread or rounding
 LID_PULL = 0.3  # share of a blink done by moving pixels; the rest is the painted lid
 MIN_SHIFT_PX = 0.02  # displacements below this are invisible; the region outside them is not remapped
 
@@ -52,16 +53,19 @@ class PortraitWarp:
         pivot_x, pivot_y = face.x + face.w / 2, face.y + 1.6 * face.h
         rotate_x, rotate_y = (ys - pivot_y) * head, -(xs - pivot_x) * head
 
+        spread = _lip_spread_field(xs, ys, face, marks)
+        self.spread_px = LIP_SPREAD * 0.5 * marks.mouth_width
+
         max_angle = math.radians(config.head_rotate_deg)
         max_shift = config.head_shift_px * self.short_side
-        reach = np.maximum.reduce(
-            [self.jaw_px * jaw, self.eye_px * eyelids, max_angle * np.hypot(rotate_x, rotate_y), max_shift * head]
-        )
+        reach = np.maximum.reduce([self.jaw_px * jaw, self.eye_px * eyelids, max_angle * np.hypot(rotate_x, rotate_y),
+                                   max_shift * head, self.spread_px * np.abs(spread)])
         self.roi = _bounding_box(reach > MIN_SHIFT_PX)
         top, bottom, left, right = self.roi
         crop = (slice(top, bottom), slice(left, right))
         self.grid_x, self.grid_y = xs[crop].copy(), ys[crop].copy()
         self.jaw, self.eyelids, self.head = jaw[crop].copy(), eyelids[crop].copy(), head[crop].copy()
+        self.spread = spread[crop].copy()
         self.rotate_x, self.rotate_y = rotate_x[crop].copy(), rotate_y[crop].copy()
         self.map_x = np.empty_like(self.grid_x)
         self.map_y = np.empty_like(self.grid_y)
@@ -121,11 +125,15 @@ class PortraitWarp:
         rows, cols = np.mgrid[top:bottom, left:right].astype(np.float32)
         across = (cols - mouth_x) / half_w
         down = (rows - marks.lip_y(cols) - 0.5 * self.lip_ramp_px) / (0.5 * self.lip_ramp_px)
-        lens = 1.0 - across**2 - down**2
-        self.mouth_shape = _smoothstep(lens / 0.7)
-        self.mouth_interior = _mouth_interior(np.clip(lens, 0.0, 1.0), down)
+        self.mouth_across, self.mouth_down = across, down
+        self.mouth_shape = self._mouth_lens(0.0)
 
-    def frame(self, mouth_open: float, blink: float, rotate_deg: float, dx: float, dy: float) -> np.ndarray:
+    def _mouth_lens(self, width: float) -> np.ndarray:
+        """How far each pixel of the mouth box is inside the parted lips (narrower when rounded)."""
+        return 1.0 - (self.mouth_across / (1.0 + LIP_SPREAD * width)) ** 2 - self.mouth_down**2
+
+    def frame(self, mouth_open: float, blink: float, rotate_deg: float, dx: float, dy: float,
+              mouth_width: float = 0.0) -> np.ndarray:
         """The portrait moved by one frame's motion values, as a new (H, W, 3) uint8 array."""
         angle = math.radians(rotate_deg)
         shift_x, shift_y = dx * self.short_side, dy * self.short_side
@@ -135,6 +143,8 @@ class PortraitWarp:
         cv2.scaleAdd(self.rotate_y, angle, self.grid_y, dst=self.map_y)
         cv2.scaleAdd(self.head, -shift_y, self.map_y, dst=self.map_y)
         cv2.scaleAdd(self.jaw, -drop, self.map_y, dst=self.map_y)
+        if mouth_width:
+            cv2.scaleAdd(self.spread, -mouth_width * self.spread_px, self.map_x, dst=self.map_x)
         # the lid mostly slides over the eye (painted below); a slight pull keeps the skin around it alive
         cv2.scaleAdd(self.eyelids, -LID_PULL * blink * self.eye_px, self.map_y, dst=self.map_y)
         out = self.portrait.copy()
@@ -143,22 +153,24 @@ class PortraitWarp:
             self.portrait, self.map_x, self.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         if mouth_open > 0.0:
-            self._darken_mouth(out, mouth_open)
+            self._darken_mouth(out, mouth_open, mouth_width)
         if blink > 0.0:
             for lid in self.lids:
                 lid.close(out, blink, shift_x, shift_y)
         return out
 
-    def _darken_mouth(self, out: np.ndarray, mouth_open: float) -> None:
-        """Tint pixels by how much the jaw stretched them: the gap between the lips turns mouth-dark."""
+    def _darken_mouth(self, out: np.ndarray, mouth_open: float, mouth_width: float) -> None:
+        """Paint the gap the jaw opened between the lips (where it stretched the lip line) as the mouth's inside:
+        the stretched band of smeared teeth and lips is covered, so nothing streaks."""
         top, bottom, left, right = self.mouth_box
         if bottom <= top or right <= left:
             return
-        opening = (self.mouth_shape * _smoothstep((mouth_open * self.mouth_slope - 0.1) / 0.3))[:, :, None]
+        lens = self._mouth_lens(mouth_width)
+        opening = (_smoothstep(lens / 0.7) * _smoothstep((mouth_open * self.mouth_slope - 0.1) / 0.3))[:, :, None]
         region = out[top:bottom, left:right]
-        # the stretched band (smeared teeth and lips) is painted over with a shaded interior, so nothing streaks
         alpha = self.config.mouth_darken * opening
-        region[...] = (region * (1.0 - alpha) + self.mouth_interior * alpha + 0.5).astype(np.uint8)
+        interior = _mouth_interior(np.clip(lens, 0.0, 1.0), self.mouth_down)
+        region[...] = (region * (1.0 - alpha) + interior * alpha + 0.5).astype(np.uint8)
 
 
 class _Lid:
@@ -206,6 +218,14 @@ def _mouth_interior(depth: np.ndarray, down: np.ndarray) -> np.ndarray:
     tongue = (_smoothstep((down - 0.05) / 0.5) * _smoothstep(depth / 0.3))[:, :, None]
     return (interior * (1.0 - 0.7 * tongue) + np.asarray(TONGUE_RGB, dtype=np.float32) * 0.7 * tongue).astype(
         np.float32)
+
+
+def _lip_spread_field(xs: np.ndarray, ys: np.ndarray, face: FaceBox, marks: FaceLandmarks) -> np.ndarray:
+    """Sideways pull of the lips, signed: the corners move out (spread) or in (rounded), the middle stays, and it
+    fades over the cheeks and above and below the mouth."""
+    across = (xs - marks.mouth[0]) / (0.5 * marks.mouth_width)
+    vertical = np.exp(-(((ys - marks.lip_y(xs)) / (0.16 * face.h)) ** 2))
+    return (np.clip(across, -1.0, 1.0) * _flat_bump(across / 1.6) * vertical).astype(np.float32)
 
 
 def _mouth_core(xs: np.ndarray, marks: FaceLandmarks) -> np.ndarray:

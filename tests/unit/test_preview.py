@@ -86,12 +86,12 @@ def test_motion_track_save_load_round_trip(renderer, speech_with_pauses, tmp_pat
 
 def test_motion_track_rejects_ragged_curves():
     with pytest.raises(ValueError, match="length"):
-        MotionTrack(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(2))
+        MotionTrack(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(2))
 
 
 def test_render_chunks_and_still_track_reproduces_the_portrait(renderer, small_portrait):
     portrait, face = small_portrait
-    still = MotionTrack(*(np.zeros(37) for _ in range(5)))
+    still = MotionTrack(*(np.zeros(37) for _ in range(6)))
     chunks = list(renderer.render(portrait, face, still))
     assert [len(c) for c in chunks] == [16, 16, 5]
     for chunk in chunks:
@@ -102,7 +102,8 @@ def test_render_chunks_and_still_track_reproduces_the_portrait(renderer, small_p
 def test_render_is_deterministic_and_moves_mouth_and_eyes(renderer, small_portrait):
     portrait, face = small_portrait
     zeros = np.zeros(2)
-    track = MotionTrack(mouth_open=[0.0, 1.0], blink=[1.0, 0.0], head_rotate_deg=zeros, head_dx=zeros, head_dy=zeros)
+    track = MotionTrack(mouth_open=[0.0, 1.0], blink=[1.0, 0.0], head_rotate_deg=zeros, head_dx=zeros, head_dy=zeros,
+                        mouth_width=zeros)
     first = np.concatenate(list(renderer.render(portrait, face, track)))
     np.testing.assert_array_equal(first, np.concatenate(list(renderer.render(portrait, face, track))))
     change = np.abs(first.astype(np.int16) - portrait).max(axis=3)
@@ -139,17 +140,43 @@ def test_acceptance_mouth_motion_follows_speech(renderer, astronaut, speech_with
     assert mouth_change[speaking].mean() > 1.5 * mouth_change[envelope < 0.02 * envelope.max()].mean()
 
 
-def test_the_envelope_is_the_same_for_any_split_of_the_clip(speech_with_pauses):
-    """Streamed in blocks (flat memory for long clips), the envelope equals the one of the whole clip exactly."""
-    from avatar_model.preview.motion import speech_envelope_db
+def test_the_band_levels_are_the_same_for_any_split_of_the_clip(speech_with_pauses):
+    """Streamed in blocks (flat memory for long clips), the levels equal the ones of the whole clip exactly."""
+    from avatar_model.preview.motion import band_levels_db
 
     audio, sr = speech_with_pauses
     n = frame_count(len(audio) / sr, VIDEO.fps) + 3  # frames past the end hear silence
-    whole = speech_envelope_db([audio], sr, n, VIDEO.fps, (300.0, 3400.0))
+    bands = ((300.0, 3400.0), (250.0, 900.0), (1800.0, 4000.0))
+    whole = band_levels_db([audio], sr, n, VIDEO.fps, bands)
+    assert whole.shape == (3, n)
     for block in (1, 997, 4096, len(audio) - 1):
         pieces = [audio[i:i + block] for i in range(0, len(audio), block)]
-        np.testing.assert_array_equal(speech_envelope_db(pieces, sr, n, VIDEO.fps, (300.0, 3400.0)), whole)
-    assert whole[-1] < -100 and whole.max() > -40
+        np.testing.assert_array_equal(band_levels_db(pieces, sr, n, VIDEO.fps, bands), whole)
+    assert (whole[:, -1] < -100).all() and whole[0].max() > -40
+
+
+def test_lips_spread_on_bright_sounds_and_round_on_dark_ones(renderer):
+    """An "ee"-like sound (energy high in the spectrum) spreads the lips; an "oo"-like one (low) rounds them."""
+    t = np.arange(SR) / SR
+    dark, bright = 0.4 * np.sin(2 * np.pi * 400 * t), 0.4 * np.sin(2 * np.pi * 2600 * t)
+    audio = np.concatenate([dark, np.zeros(SR // 2), bright, np.zeros(SR // 2)]).astype(np.float32)
+    track = renderer.generate([audio], SR, 75, seed=0)
+    assert track.mouth_open[10:22].min() > 0.5 and track.mouth_open[48:60].min() > 0.5
+    assert track.mouth_width[10:22].mean() < -0.3 and track.mouth_width[48:60].mean() > 0.3
+    assert np.abs(track.mouth_width).max() <= 1.0
+
+
+def test_lips_close_before_a_burst_out_of_quiet():
+    """The frame before a sudden onset (a /p/ or /b/ release) aims for shut lips, even after a murmur."""
+    from avatar_model.preview.motion import bilabial_closures, mouth_opening
+
+    level = np.full(40, -50.0, np.float32)  # quiet, then speech, a brief closure murmur, and the burst after it
+    level[10:21], level[21], level[22:32] = -15.0, -35.0, -12.0
+    closed = bilabial_closures(level)
+    assert closed[21] and closed[9] and closed.sum() == 2  # before the first word, and before the burst
+    with_closure = mouth_opening(level, VIDEO.fps, 15.0, 90.0, closed=closed)
+    without = mouth_opening(level, VIDEO.fps, 15.0, 90.0)
+    assert with_closure[21] < 0.8 * without[21]
 
 
 def _luma(pixels: np.ndarray) -> float:
