@@ -81,7 +81,7 @@ def probe_seconds(path: str | Path, name: str = "audio") -> float | None:
                 return float(stream.duration * stream.time_base)
             return container.duration / av.time_base if container.duration is not None else None
     except av.FFmpegError as exc:  # named by the input, not by the local copy it was read from
-        raise UndecodableAudio(f"{name}: cannot decode audio: {str(exc).replace(repr(str(path)), 'it')}") from exc
+        raise UndecodableAudio(f"{name}: cannot decode audio: {str(exc).replace(repr(str(path)), 'the file')}") from exc
 
 
 def decode_to_wav(path: str | Path, dest: str | Path, sample_rate: int, name: str = "audio",
