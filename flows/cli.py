@@ -166,7 +166,8 @@ def _runs_table(runs):
     from rich.table import Table
 
     ui = (PREFECT_UI_URL.value() or "").rstrip("/")
-    table = Table("day", "flow run", "state", "", "UI")
+    table = Table("day", "flow run", "state", "")
+    table.add_column("UI", overflow="fold")  # a link is worth a second line, never an ellipsis
     for r in runs:
         state = r.run.state.name if r.run.state else "-"
         colour = "green" if state == "Completed" else "red" if state in ("Failed", "Crashed", "Cancelled") else ""
