@@ -7,7 +7,7 @@ PORT ?= 4200
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench preview-sheet clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/pipeline_bench.py
+
+# the committed before/after contact sheet of the preview renderer (BEFORE=<commit> to compare with)
+preview-sheet: install
+	$(BIN)/python benchmarks/preview_sheet.py $(if $(BEFORE),--before $(BEFORE))
 
 clean:
 	rm -rf out .pytest_cache
