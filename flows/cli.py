@@ -305,6 +305,8 @@ def main() -> None:
             # each other out of a shared SQLite file
             private_db = tempfile.mkdtemp(prefix="avatar-batch-prefect-")
             os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{private_db}/prefect.db"
+            # a fresh database is migrated first: on a busy machine that outlasts Prefect's default wait
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     code = 0
     try:
         app()
