@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import boto3
 import pandas as pd
@@ -47,6 +48,15 @@ def test_manifest_from_s3_outputs_and_results_to_s3(tmp_path, demo_dir, prefect_
     client.download_file("studio", "renders/night-1/videos/line-2.mp4", str(local))
     info = probe(local)
     assert info.video_frames == results.loc[1, "frame_count"] and info.audio_streams == 1
+
+    # the UI's results table links each video with a presigned HTTPS-style URL that opens without credentials
+    import httpx
+
+    latest = httpx.post(f"{prefect_server['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["render-manifest-results"]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+    links = {row["item"]: row["video"] for row in json.loads(latest[0]["data"])}
+    assert links["line-2"].startswith(s3_server["AWS_ENDPOINT_URL"]) and "Signature" in links["line-2"]
+    assert httpx.get(links["line-2"], timeout=30).content == local.read_bytes()
 
     rerun = cli(["render", "s3://studio/catalog/manifest.parquet", "--output", "s3://studio/renders/night-1"], env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
