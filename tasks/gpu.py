@@ -1,7 +1,8 @@
 """GPU slots shared by every flow run, process and worker on a machine.
 
 Each GPU is one Prefect global concurrency limit of 1, named after the host and the physical device
-(``gpu-<host>-<index>``, the index read through ``CUDA_VISIBLE_DEVICES``; ``cpu`` when the model runs on the CPU).
+(``gpu-<host>-<index>``, the index read through ``CUDA_VISIBLE_DEVICES``). Models on the CPU take no slot unless
+the run's ``gpu_slot`` names one.
 gpu-tagged stages carry that name as a tag, and Prefect's task engine holds a slot of ``tag:<name>`` before the
 task run enters Running, so two runs never use one GPU at once, and a task run's Running span is its GPU span.
 """
@@ -42,9 +43,14 @@ def ensure_slot(name: str) -> None:
 
 
 def slot_for(cfg) -> str | None:
-    """The GPU slot tag of this worker for a run of ``cfg`` (None when its graph has no gpu stage)."""
+    """The GPU slot tag of this worker for a run of ``cfg``: None when its graph has no gpu stage, or when its
+    models run on the CPU and no ``gpu_slot`` is named (there is no GPU to share; ``device`` is resolved by then)."""
     from .graph import GRAPHS
 
     if not any(stage.resource == "gpu" for stage in GRAPHS[cfg.backend]):
         return None
-    return cfg.gpu_slot or slot_name(cfg.diffusion.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if cfg.gpu_slot:
+        return cfg.gpu_slot
+    if not cfg.diffusion.device.startswith("cuda"):
+        return None
+    return slot_name(cfg.diffusion.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
