@@ -44,7 +44,10 @@ def _day_manifest(path: Path, demo_dir: Path, rows: int) -> None:
 
 @pytest.fixture()
 def worker(prefect_server):
-    """A process worker on the avatar-render pool, polling every second, in the repository as its home."""
+    """A process worker on the avatar-render pool (created first, as the README does), polling every second, in
+    the repository as its home."""
+    pool = _prefect(["work-pool", "create", "avatar-render", "--type", "process", "--overwrite"], prefect_server)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
     env = {**os.environ, **prefect_server, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     log = open(Path(prefect_server["PREFECT_HOME"]) / "worker.log", "wb")  # noqa: SIM115 - closed below
@@ -65,8 +68,6 @@ def test_backfill_two_days_then_rerun_only_the_failed_one(tmp_path, demo_dir, pr
     nightly["parameters"] = {"manifest_template": f"{catalog}/{{date}}.parquet",
                              "output_template": f"{renders}/{{date}}"}
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
-    pool = _prefect(["work-pool", "create", "avatar-render", "--type", "process"], prefect_server)
-    assert pool.returncode == 0, pool.stdout + pool.stderr
     deployed = _prefect(["deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml")], prefect_server)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
