@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -97,8 +98,13 @@ class FaceLandmarks:
         return self.mouth[1] + self.lip_slope * dx + self.lip_curvature * dx * dx
 
 
-@functools.lru_cache(maxsize=None)
 def _cascade(file_name: str) -> cv2.CascadeClassifier:
+    """The cascade for this thread: one classifier must not run in two threads at once (it crashes the process)."""
+    return _thread_cascade(file_name, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=64)
+def _thread_cascade(file_name: str, thread_id: int) -> cv2.CascadeClassifier:
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + file_name)
     if cascade.empty():
         raise RuntimeError(f"OpenCV cascade {file_name} is missing (opencv-python-headless<5 ships it)")
