@@ -341,3 +341,14 @@ def remove(uri: str) -> None:
     except Exception as exc:  # noqa: BLE001
         _reraise_storage(uri, exc, "delete")
         raise
+
+
+def remove_folder(uri: str) -> None:
+    """Delete everything under ``uri`` if anything is there (idempotent)."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001
+        _reraise_storage(uri, exc, "delete")
+        raise

@@ -34,6 +34,9 @@ def render(
     max_workers: Annotated[Optional[int], typer.Option(help="concurrent stage tasks (default 4)")] = None,
     retries: Annotated[Optional[int], typer.Option(help="retries of transient failures per stage (default 3)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="JSON file with a PipelineConfig; flags override it")] = None,
+    shard_deployment: Annotated[Optional[str], typer.Option(
+        help="spread the manifest over this render-shard deployment's work pool (e.g. render-shard/shard)")] = None,
+    rows_per_shard: Annotated[Optional[int], typer.Option(help="rows of one shard (default 100)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line from INFO up")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no bar, no log lines: only the summary")] = False,
 ) -> None:
@@ -42,6 +45,7 @@ def render(
 
     from common.errors import ConfigurationError
     from flows.render_manifest import ItemsFailed, render_manifest
+    from flows.shards import check_pool, sharded
     from flows.terminal import RenderProgress, failed_rows_table, route_logs
     from tasks.checks import check_locations, prepare_run
     from tasks.config import PipelineConfig
@@ -52,17 +56,24 @@ def render(
         settings = {**base.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
         if retries is not None:
             settings["retry"] = {**settings["retry"], "retries": retries}
+        shards = {"deployment": shard_deployment, "rows_per_shard": rows_per_shard}
+        settings["shards"] = {**settings["shards"], **{k: v for k, v in shards.items() if v is not None}}
         cfg = PipelineConfig.model_validate(settings)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         console.print(f"[red]configuration rejected:[/red] {exc}")
         raise typer.Exit(2) from exc
     try:
-        total = len(load_manifest(manifest))
+        rows = load_manifest(manifest)
     except ManifestError as exc:
         console.print(f"[red]manifest rejected:[/red] {exc}")
         raise typer.Exit(2) from exc
-    try:
-        check_locations(prepare_run(cfg), output)  # the flow checks too; here a refusal needs no flow run
+    total = len(rows)
+    try:  # the flow checks too; here a refusal needs no flow run
+        if sharded(cfg.shards, sum(r.error is None for r in rows)):
+            check_locations(cfg, output)  # the shards check the rest on their machines
+            check_pool(cfg.shards.deployment)
+        else:
+            check_locations(prepare_run(cfg), output)
     except ConfigurationError as exc:
         console.print(f"[red]run refused:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -225,6 +236,43 @@ def _deep_check(rows: list, workers: int) -> list:
             except AvatarError as exc:
                 failures.append((futures[future], exc))
     return failures
+
+
+@app.command()
+def setup(
+    prefect_file: Annotated[Path, typer.Option(help="deployments to register")] = Path("prefect.yaml"),
+    missed_heartbeats: Annotated[int, typer.Option(min=2, help="heartbeats a run may miss before it counts as "
+                                                   "crashed (its worker gone)")] = 3,
+    wait_seconds: Annotated[float, typer.Option(help="how long to wait for the API to answer")] = 0,
+) -> None:
+    """Make the Prefect server in PREFECT_API_URL ready: work pools, deployments, crash detection (repeatable)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from common.errors import ConfigurationError
+    from flows import setup as steps
+
+    api_url = PREFECT_API_URL.value()
+    try:
+        if not api_url:
+            raise ConfigurationError("no Prefect server to set up: set PREFECT_API_URL (or start one with "
+                                     "`avatar-batch server start`)")
+        if not prefect_file.is_file():
+            raise ConfigurationError(f"{prefect_file} not found: run setup from the avatar-batch folder or pass "
+                                     "--prefect-file")
+        pools, heartbeat = steps.read_deployments(prefect_file)
+        with get_client(sync_client=True) as client:
+            steps.wait_for_api(client, api_url, wait_seconds)
+            for pool in sorted(pools):
+                console.print(f"work pool {pool}: {'created' if steps.ensure_work_pool(client, pool) else 'exists'}")
+            steps.register_deployments(prefect_file.resolve(), Path(os.environ.get("AVATAR_BATCH_HOME", ".")))
+            console.print(f"deployments of {prefect_file}: registered")
+            created = steps.ensure_crash_automation(client, steps.crash_automation(heartbeat, missed_heartbeats))
+            console.print(f"automation '{steps.CRASH_AUTOMATION}': {'created' if created else 'updated'} (a run "
+                          f"silent for {missed_heartbeats} x {heartbeat} s is marked Crashed)")
+    except ConfigurationError as exc:
+        console.print(f"[red]setup failed:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 server_app = typer.Typer(no_args_is_help=True, help="This machine's Prefect server in the background (history and "

@@ -38,6 +38,11 @@ class ItemsFailed(RuntimeError):
     """Raised after the results are written, so that the flow run ends Failed when any row failed."""
 
 
+# the state name of a run that finished with failed rows: Failed by type (alerts fire), "RowsFailed" by name, so
+# that it differs from a crash (Crashed) and from a refused run (Failed, named Failed)
+ROWS_FAILED = "RowsFailed"
+
+
 def row_config(cfg: PipelineConfig, row: ManifestRow) -> PipelineConfig:
     """The run's config with the row's own output options applied."""
     overrides = {"short_side": row.short_side, "crf": row.crf}
@@ -81,38 +86,68 @@ class ItemRun:
     shared: set[str] = field(default_factory=set)  # stages whose run another item of this manifest owns
 
 
+class RunResults:
+    """The items of one run as they end: kept for ``results.parquet`` and handed to each callback (log, UI, bar)."""
+
+    def __init__(self, cfg: PipelineConfig, output_uri: str, callbacks: list[Callable[[ItemResult], None]]):
+        self.cfg, self.output_uri, self.callbacks = cfg, output_uri, callbacks
+        self.items: list[ItemResult] = []
+
+    def base(self, row: ManifestRow) -> ItemResult:
+        return ItemResult(row=row.row, item_id=row.item_id, status="succeeded", backend=self.cfg.backend,
+                          extra=row.extra)
+
+    def finish(self, item: ItemResult) -> None:
+        self.items.append(item)
+        for callback in self.callbacks:
+            callback(item)
+
+    def valid(self, rows: list[ManifestRow]) -> list[ManifestRow]:
+        """The rows that passed validation; the others are recorded as failed at once."""
+        for row in rows:
+            if row.error is not None:
+                self.finish(failed(self.base(row), "validate", type(row.error).__name__, str(row.error)))
+        return [row for row in rows if row.error is None]
+
+    def publish(self, manifest_uri: str, wall_seconds: float, flow_run_id: str, report: RunReport) -> dict:
+        """results.parquet, summary.json and the run's final artifacts; ItemsFailed if any row failed."""
+        results_uri = storage.join(self.output_uri, "results.parquet")
+        frame = write_results(self.items, results_uri, ALL_STAGES)
+        n_failed = int((frame["status"] == "failed").sum())
+        summary = {
+            "manifest_uri": manifest_uri, "output_uri": self.output_uri, "results_uri": results_uri,
+            "backend": self.cfg.backend, "items": len(frame), "succeeded": len(frame) - n_failed, "failed": n_failed,
+            "cache_hits": int(frame["cache_hits"].sum()), "wall_seconds": round(wall_seconds, 3),
+            "flow_run_id": flow_run_id,
+        }
+        storage.publish_bytes(json.dumps(summary, indent=2).encode(), storage.join(self.output_uri, "summary.json"))
+        report.final(frame, summary, self.output_uri)
+        if n_failed:
+            raise ItemsFailed(f"{n_failed} of {len(frame)} items failed; see {results_uri}")
+        return summary
+
+
 class ManifestRender:
-    """The rows of one manifest through one backend's graph; results reach ``on_item`` as each item ends.
+    """The valid rows of one manifest through one backend's graph, in this flow run; each item's result goes to
+    ``results`` as it ends.
 
     At most ``cfg.window`` items are in flight (resolving or rendering), so a manifest of any length starts
     rendering at once and holds only a window of futures; each input is hashed once per run (`InputDigests`).
     """
 
-    def __init__(self, cfg: PipelineConfig, output_uri: str, on_item: Callable[[ItemResult], None] | None,
-                 log: Callable[[ItemResult], None]):
-        self.cfg, self.graph, self.output_uri = cfg, GRAPHS[cfg.backend], output_uri
+    def __init__(self, cfg: PipelineConfig, output_uri: str, results: RunResults):
+        self.cfg, self.graph, self.output_uri, self.results = cfg, GRAPHS[cfg.backend], output_uri, results
         self.cache_uri = cfg.cache_uri or storage.join(output_uri, ".cache")
         storage.sweep_staging(storage.join(output_uri, "videos"))  # what a killed run left half-copied
         slot = slot_for(cfg)
         if slot:
             ensure_slot(slot)
         self.tasks, self.resolve = stage_tasks(self.graph, cfg, self.cache_uri, slot), resolve_task(cfg)
-        self.callbacks = [log] + ([on_item] if on_item else [])
         self.digests = storage.InputDigests()
-        self.results: list[ItemResult] = []
         # one run per stage key (lines of one portrait share its encodes); the most recently used keys only,
         # an older one is found again through its cache record
         self.by_key: OrderedDict[str, PrefectFuture] = OrderedDict()
         self.last_gpu: PrefectFuture | None = None
-
-    def finish(self, item: ItemResult) -> None:
-        self.results.append(item)
-        for callback in self.callbacks:
-            callback(item)
-
-    def base(self, row: ManifestRow) -> ItemResult:
-        return ItemResult(row=row.row, item_id=row.item_id, status="succeeded", backend=self.cfg.backend,
-                          extra=row.extra)
 
     def submit(self, run: ItemRun, stage_name: str) -> None:
         """Submit one stage of one item, or reuse the run of an earlier item with the same key (cached stages)."""
@@ -137,17 +172,11 @@ class ManifestRender:
                 self.by_key.popitem(last=False)
 
     def render(self, rows: list[ManifestRow]) -> None:
-        valid = []
-        for row in rows:
-            if row.error is not None:
-                self.finish(failed(self.base(row), "validate", type(row.error).__name__, str(row.error)))
-            else:
-                valid.append(row)
         if self.cfg.backend != "preview" and self.cfg.diffusion.memory == "stage-major":
-            for start in range(0, len(valid), self.cfg.window):
-                self.render_stage_major(valid[start:start + self.cfg.window])
+            for start in range(0, len(rows), self.cfg.window):
+                self.render_stage_major(rows[start:start + self.cfg.window])
         else:
-            self.render_resident(valid)
+            self.render_resident(rows)
 
     def submit_resolve(self, row: ManifestRow) -> PrefectFuture:
         return self.resolve.submit(row.item_id, item_of(row), row_config(self.cfg, row), self.output_uri, self.digests)
@@ -156,13 +185,14 @@ class ManifestRender:
         """The item's run when it has work to do; None when it is finished already (failed or published)."""
         future.wait()  # settles the future's final state
         resolved = outcome(future)
-        item = self.base(row)
+        item = self.results.base(row)
         item.stage_seconds["resolve"], item.attempts = resolved.seconds, resolved.attempts
         if resolved.status == "failed":
-            self.finish(failed(item, "resolve", resolved.error_class, resolved.error_message, resolved.attempts))
+            self.results.finish(failed(item, "resolve", resolved.error_class, resolved.error_message,
+                                       resolved.attempts))
         elif resolved.ref["published"] is not None:
-            self.finish(already_published(item, resolved.ref["published"],
-                                          output_uris(self.output_uri, row.item_id)[1], self.graph.names))
+            self.results.finish(already_published(item, resolved.ref["published"],
+                                                  output_uris(self.output_uri, row.item_id)[1], self.graph.names))
         else:
             return ItemRun(row, Job(item_of(row), row_config(self.cfg, row), future.state.result(), self.cache_uri,
                                     self.output_uri))
@@ -171,7 +201,7 @@ class ManifestRender:
     def ended(self, run: ItemRun) -> ItemRun | None:
         """Record a run whose stages all ended; return its repair run when a stale input caused its failure."""
         wait(list(run.futures.values()))
-        item = self.base(run.row)
+        item = self.results.base(run.row)
         item.stage_seconds["resolve"], item.attempts = run.job.resolved.seconds, run.job.resolved.attempts
         outcomes = {name: outcome(run.futures[name], shared=name in run.shared) if name in run.futures
                     else StageOutcome("not_run") for name in self.graph.names}
@@ -180,7 +210,7 @@ class ManifestRender:
             get_run_logger().warning("%s: %s in %s (%s); computing its inputs again", item.item_id, item.error_class,
                                      item.failed_stage, item.error_message)
             return ItemRun(run.row, run.job, repair=True)
-        self.finish(item)
+        self.results.finish(item)
         return None
 
     def render_resident(self, rows: list[ManifestRow]) -> None:
@@ -236,20 +266,3 @@ class ManifestRender:
             unused = set(models.loaded()) - self.graph.models_after(stage.name)
             if unused:
                 models.release(*unused)
-
-    def publish_results(self, manifest_uri: str, wall_seconds: float, flow_run_id: str, report: RunReport) -> dict:
-        """results.parquet, summary.json and the run's final artifacts; ItemsFailed if any row failed."""
-        results_uri = storage.join(self.output_uri, "results.parquet")
-        frame = write_results(self.results, results_uri, ALL_STAGES)
-        n_failed = int((frame["status"] == "failed").sum())
-        summary = {
-            "manifest_uri": manifest_uri, "output_uri": self.output_uri, "results_uri": results_uri,
-            "backend": self.cfg.backend, "items": len(frame), "succeeded": len(frame) - n_failed, "failed": n_failed,
-            "cache_hits": int(frame["cache_hits"].sum()), "wall_seconds": round(wall_seconds, 3),
-            "flow_run_id": flow_run_id,
-        }
-        storage.publish_bytes(json.dumps(summary, indent=2).encode(), storage.join(self.output_uri, "summary.json"))
-        report.final(frame, summary, self.output_uri)
-        if n_failed:
-            raise ItemsFailed(f"{n_failed} of {len(frame)} items failed; see {results_uri}")
-        return summary

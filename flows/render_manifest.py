@@ -15,12 +15,11 @@ from manifests import ItemResult, load_manifest
 from tasks.checks import check_locations, prepare_run
 from tasks.config import PipelineConfig
 
-from .dag import ItemsFailed, ManifestRender
+from .dag import ROWS_FAILED, ItemsFailed, ManifestRender, RunResults
 from .report import RunReport, artifact_prefix
+from .shards import ShardedRender, check_pool, sharded
 
 __all__ = ["ROWS_FAILED", "ItemsFailed", "render_manifest", "run_config"]
-
-ROWS_FAILED = "RowsFailed"
 
 
 def run_config(config: PipelineConfig | None, backend: str | None) -> PipelineConfig:
@@ -46,33 +45,36 @@ def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig |
 
     Run-level problems (unknown backend, a wrong fps, missing weights, an unreadable manifest) stop the run
     before any work. Bad rows fail alone and are recorded in ``results.parquet``; the run then ends Failed.
+    With ``config.shards.deployment`` set, a manifest of at least ``min_rows`` valid rows is rendered as shards
+    on that deployment's work pool (`flows.shards`), else here.
     ``on_item`` is called with each item's result as it finishes (the CLI's progress bar).
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    cfg = prepare_run(run_config(config, backend))
+    requested = run_config(config, backend)
     rows = load_manifest(manifest_uri)
+    spread = sharded(requested.shards, sum(r.error is None for r in rows))
+    # a parent of shards neither loads models nor needs weights: each shard checks and resolves on its machine
+    cfg = requested if spread else prepare_run(requested)
     check_locations(cfg, output_uri)
+    if spread:
+        check_pool(cfg.shards.deployment)
     logger.info("manifest %s: %d rows (%d invalid)", manifest_uri, len(rows), sum(r.error is not None for r in rows))
 
     def log(item: ItemResult) -> None:
         logger.info("%s: %s%s", item.item_id, item.status,
                     f" ({item.error_class}: {item.error_message})" if item.error_class else "")
 
-    report = RunReport(artifact_prefix(manifest_uri), len(rows), {r.item_id: (r.portrait_uri, r.audio_uri)
-                                                                  for r in rows})
+    prefix = artifact_prefix(manifest_uri)
+    report = RunReport(prefix, len(rows), {r.item_id: (r.portrait_uri, r.audio_uri) for r in rows})
     report.start()
-
-    def ended(item: ItemResult) -> None:
-        report.item(item)
-        if on_item:
-            on_item(item)
-
-    render = ManifestRender(cfg, output_uri, ended, log)
-    render.render(rows)
+    results = RunResults(cfg, output_uri, [log, report.item] + ([on_item] if on_item else []))
+    valid = results.valid(rows)
+    if spread:
+        ShardedRender(cfg, manifest_uri, output_uri, results, str(flow_run.id), prefix).render(valid)
+    else:
+        ManifestRender(cfg, output_uri, results).render(valid)
     try:
-        return render.publish_results(manifest_uri, time.perf_counter() - started, str(flow_run.id), report)
+        return results.publish(manifest_uri, time.perf_counter() - started, str(flow_run.id), report)
     except ItemsFailed as exc:
-        # finished, with failed rows: Failed by type (alerts fire), "RowsFailed" by name, so that it differs from a
-        # crash (Crashed) and from a refused run (Failed, named Failed)
         return Failed(name=ROWS_FAILED, message=str(exc), data=exc)

@@ -40,7 +40,7 @@ SHEET_ITEMS = 24
 SHEET_TILE = (160, 160)
 
 
-def _shown(create, *args, **kwargs):
+def shown(create, *args, **kwargs):
     """An artifact call that never fails the run: a second try (two runs writing one key can race), then a
     warning in the run's log."""
     for attempt in (1, 2):
@@ -97,7 +97,7 @@ class RunReport:
     table_at: float = 0.0
 
     def start(self) -> None:
-        self.progress_id = _shown(create_progress_artifact, 0.0, key=f"{self.prefix}-progress",
+        self.progress_id = shown(create_progress_artifact, 0.0, key=f"{self.prefix}-progress",
                                   description=self.description())
 
     def description(self) -> str:
@@ -113,7 +113,7 @@ class RunReport:
         (self.failed if item.status == "failed" and len(self.failed) < TABLE_ROWS else self.recent).append(row)
         done = self.counts["succeeded"] + self.counts["failed"]
         if self.progress_id is not None:
-            _shown(update_progress_artifact, self.progress_id, 100.0 * done / max(self.total, 1), self.description())
+            shown(update_progress_artifact, self.progress_id, 100.0 * done / max(self.total, 1), self.description())
         if self.live_table and time.monotonic() - self.table_at >= TABLE_EVERY_S:
             self.table_at = time.monotonic()
             self.table(f"{self.description()} (in progress)")
@@ -121,7 +121,7 @@ class RunReport:
     def table(self, description: str) -> None:
         """Failed rows first, then the latest others: at most `TABLE_ROWS` (all rows are in results.parquet)."""
         rows = (self.failed + list(self.recent))[:TABLE_ROWS]
-        _shown(create_table_artifact, key=f"{self.prefix}-results", table=rows, description=description)
+        shown(create_table_artifact, key=f"{self.prefix}-results", table=rows, description=description)
 
     def final(self, frame: pd.DataFrame, summary: dict, output_uri: str) -> None:
         self.table(f"{self.description()}: {summary['results_uri']}")
@@ -141,7 +141,7 @@ def publish_summary(prefix: str, frame: pd.DataFrame, summary: dict) -> None:
         lines += ["| error class | rows |", "|---|---|", *[f"| {name} | {n} |" for name, n in errors.items()], ""]
     lines += ["| slowest items | seconds | status |", "|---|---|---|",
               *[f"| {r.item_id} | {r.seconds:.2f} | {r.status} |" for r in slowest.itertuples()]]
-    _shown(create_markdown_artifact, key=f"{prefix}-summary", markdown="\n".join(lines),
+    shown(create_markdown_artifact, key=f"{prefix}-summary", markdown="\n".join(lines),
            description=f"{summary['failed']} failed of {summary['items']}")
 
 
@@ -177,5 +177,5 @@ def publish_contact_sheet(prefix: str, frame: pd.DataFrame, output_uri: str) -> 
     uri = storage.join(output_uri, "contact_sheet.jpg")
     storage.publish_bytes(data, uri)
     inline = "data:image/jpeg;base64," + base64.b64encode(data).decode()
-    _shown(create_image_artifact, image_url=inline, key=f"{prefix}-contact-sheet",
+    shown(create_image_artifact, image_url=inline, key=f"{prefix}-contact-sheet",
            description=f"a frame of each video; the file: {video_link(uri)}")

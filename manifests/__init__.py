@@ -1,6 +1,15 @@
 """Input manifests and the results table: schemas, validation, writers."""
 
-from .results import ItemResult, StageOutcome, already_published, failed, fold_item, results_frame, write_results
+from .results import (
+    ItemResult,
+    StageOutcome,
+    already_published,
+    failed,
+    fold_item,
+    read_results,
+    results_frame,
+    write_results,
+)
 from .schema import ManifestError, ManifestRow, load_manifest, read_manifest_table
 
 __all__ = [
@@ -13,6 +22,7 @@ __all__ = [
     "fold_item",
     "load_manifest",
     "read_manifest_table",
+    "read_results",
     "results_frame",
     "write_results",
 ]

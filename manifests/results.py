@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import pandas as pd
@@ -65,6 +66,29 @@ class ItemResult:
                 name = f"manifest_{name}"
             out[name] = _storable(value)
         return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], stages: Sequence[str]) -> ItemResult:
+        """The item whose `record` this is, as read back from a results table (a shard's, to be merged)."""
+        values = {name: _plain(value) for name, value in record.items()}
+        seconds = {stage: values.pop(f"seconds_{stage}", None) for stage in ("resolve", *stages)}
+        cached = {stage: values.pop(f"cached_{stage}", None) for stage in stages}
+        own = {f.name for f in fields(cls)} - {"stage_seconds", "stage_cached", "extra"}
+        known = {name: values.pop(name) for name in list(values) if name in own}
+        for name in ("row", "attempts", "cache_hits", "frame_count"):
+            if known.get(name) is not None:
+                known[name] = int(known[name])
+        return cls(**known, stage_seconds={k: float(v) for k, v in seconds.items() if v is not None},
+                   stage_cached={k: bool(v) for k, v in cached.items() if v is not None}, extra=values)
+
+
+def _plain(value: Any) -> Any:
+    """A value read from a table as Python has it: numpy scalars unwrapped, NaN/NA (a missing value) as None."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict)) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
 
 
 def _storable(value: Any) -> Any:
@@ -133,3 +157,9 @@ def write_results(results: Sequence[ItemResult], uri: str, stages: Sequence[str]
     frame.to_parquet(buffer, index=False)
     storage.publish_bytes(buffer.getvalue(), uri)
     return frame
+
+
+def read_results(uri: str, stages: Sequence[str]) -> list[ItemResult]:
+    """The items of a results table written by `write_results`."""
+    frame = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+    return [ItemResult.from_record(record, stages) for record in frame.to_dict("records")]

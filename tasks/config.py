@@ -31,6 +31,25 @@ class InputLimits(BaseModel):
     http_hosts: tuple[str, ...] = Field((), description="hosts http(s) inputs may come from; none by default")
 
 
+class ShardConfig(BaseModel):
+    """Spreading one manifest over a work pool: shards of rows, each a flow run of the render-shard deployment.
+
+    None of this changes an output (a row renders the same on any worker), so none of it is in a cache key.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    deployment: str | None = Field(None, description="the render-shard deployment ('render-shard/shard') that "
+                                   "shards run on; none renders the manifest in this flow run")
+    rows_per_shard: int = Field(100, ge=1, description="rows of one shard (rows sharing a portrait and prompt stay "
+                                "together when they fit)")
+    min_rows: int = Field(200, ge=1, description="a manifest with fewer valid rows renders in this flow run")
+    max_in_flight: int = Field(16, ge=1, le=4096, description="shards queued or running at once")
+    attempts: int = Field(3, ge=1, le=10, description="dispatches of a shard whose run crashed or was lost, "
+                          "before its rows count as failed")
+    poll_seconds: float = Field(2.0, gt=0, le=60)
+
+
 class PipelineConfig(BaseModel):
     """Every knob of a run. Storage credentials are not here: s3fs reads the standard AWS_* variables."""
 
@@ -48,6 +67,7 @@ class PipelineConfig(BaseModel):
     preview: PreviewConfig = PreviewConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     retry: RetryConfig = RetryConfig()
+    shards: ShardConfig = ShardConfig()
     limits: InputLimits = InputLimits()
 
     def model_post_init(self, __context: object) -> None:

@@ -1,0 +1,106 @@
+"""`avatar-batch setup`: make a Prefect server ready to run avatar-batch; safe to repeat (the compose stack's job).
+
+It waits for the API, creates the work pool, registers the deployments of ``prefect.yaml`` and installs the
+automation that marks a silent flow run Crashed: the runs of those deployments send a heartbeat every
+``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (their job variables), so a run whose worker vanished stops sending
+them, ends Crashed after ``missed`` beats, and its parent dispatches the shard again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from prefect.automations import AutomationCore, ChangeFlowRunState, EventTrigger, Posture
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
+
+from common.errors import ConfigurationError
+
+CRASH_AUTOMATION = "avatar-batch: crash runs whose heartbeats stopped"
+HEARTBEAT_SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+TAG = "avatar-batch"  # every deployment of prefect.yaml carries it; the automation watches only their runs
+
+
+def wait_for_api(client: SyncPrefectClient, api_url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (failure := client.api_healthcheck()) is not None:
+        if time.monotonic() > deadline:
+            raise ConfigurationError(f"the Prefect API at {api_url} did not answer within {seconds:.0f} s "
+                                     f"({type(failure).__name__}); is the server running?")
+        time.sleep(1)
+
+
+def ensure_work_pool(client: SyncPrefectClient, name: str, pool_type: str = "process") -> bool:
+    """Create the pool unless it exists; True when created."""
+    try:
+        client.read_work_pool(name)
+        return False
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
+        return True
+
+
+def read_deployments(prefect_file: Path) -> tuple[set[str], int]:
+    """The work pools of the deployments in ``prefect_file`` and the heartbeat interval of their runs (the
+    slowest); every deployment must carry `TAG` and set the interval, or the automation could not watch it."""
+    spec = yaml.safe_load(prefect_file.read_text())
+    pools, beats = set(), []
+    for deployment in spec.get("deployments") or []:
+        pool = deployment.get("work_pool") or {}
+        env = (pool.get("job_variables") or {}).get("env") or {}
+        if not pool.get("name") or HEARTBEAT_SETTING not in env or TAG not in (deployment.get("tags") or []):
+            raise ConfigurationError(f"deployment {deployment.get('name')!r} in {prefect_file} needs a work pool, "
+                                     f"the tag {TAG!r} and {HEARTBEAT_SETTING} in its job variables' env (the crash "
+                                     "automation relies on them)")
+        pools.add(pool["name"])
+        beats.append(int(env[HEARTBEAT_SETTING]))
+    if not beats:
+        raise ConfigurationError(f"{prefect_file} has no deployments")
+    return pools, max(beats)
+
+
+def crash_automation(heartbeat: int, missed: int) -> AutomationCore:
+    """Prefect's zombie-run pattern, limited to avatar-batch's runs: after a heartbeat (or the start), expect the
+    next one, or a final state, within ``missed`` intervals; else the run is Crashed."""
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=f"a flow run tagged {TAG} that sent no heartbeat for {missed} x {heartbeat} s lost its worker",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{TAG}"},
+            after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=missed * heartbeat),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                    message=f"no heartbeat for {missed * heartbeat} s: its worker is gone")],
+    )
+
+
+def ensure_crash_automation(client: SyncPrefectClient, automation: AutomationCore) -> bool:
+    """Create or replace the automation (one of that name); True when created."""
+    existing = client.read_automations_by_name(automation.name)
+    for old in existing:
+        client.delete_automation(old.id)
+    client.create_automation(automation)
+    return not existing
+
+
+def register_deployments(prefect_file: Path, home: Path) -> None:
+    """`prefect deploy --all` from ``home`` (the workers' working directory): creates or updates each one."""
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                           str(prefect_file)], cwd=home, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        raise ConfigurationError(f"`prefect deploy --all` of {prefect_file} failed: {said[-1] if said else done}")
