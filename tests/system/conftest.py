@@ -1,12 +1,15 @@
-"""Real servers for system tests: a `prefect server` process and a moto S3 endpoint, both on 127.0.0.1."""
+"""Real servers for system tests: `prefect server` (SQLite or PostgreSQL), a moto S3 endpoint, all on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,13 +31,11 @@ def port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
+def _prefect_server(home: Path, extra_env: dict[str, str]):
     """`prefect server start` on a free port with its own PREFECT_HOME; yields the env clients need."""
-    home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false"}
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false", **extra_env}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
     server = subprocess.Popen(
@@ -42,7 +43,7 @@ def prefect_server(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         try:
             with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
@@ -61,6 +62,60 @@ def prefect_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on SQLite (the local default)."""
+    yield from _prefect_server(tmp_path_factory.mktemp("prefect-home"), {})
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `apt-get install postgresql` (.ci/run does)")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL cluster (Debian's binaries) on 127.0.0.1: the database URL of its `prefect` db.
+
+    The server refuses to run as root, so as root the cluster belongs to the `postgres` user."""
+    pg_bin, port = _postgres_bin(), free_port()
+    folder = Path(tempfile.mkdtemp(prefix="avatar-pg-"))
+    data = folder / "data"
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_owner, str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, capture_output=True, timeout=120)
+    log = open(folder / "postgres.log", "wb")
+    server = subprocess.Popen([*as_owner, str(pg_bin / "postgres"), "-D", str(data), "-p", str(port),
+                               "-k", str(folder), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                               "-c", "max_connections=200"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True, check=False).returncode != 0:
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"postgres did not start: {(folder / 'postgres.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    subprocess.run([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"],
+                   check=True, capture_output=True, timeout=60)
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    os.killpg(server.pid, signal.SIGINT)  # a fast shutdown
+    server.wait(timeout=30)
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server_pg(tmp_path_factory, postgres_url):
+    """A Prefect server on PostgreSQL (asyncpg), as production runs it."""
+    yield from _prefect_server(tmp_path_factory.mktemp("prefect-pg-home"),
+                               {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres_url})
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """The results bookkeeping: stage outcomes → one results row (pure, no Prefect)."""
 
-from manifests import ItemResult, StageOutcome, already_published, fold_item, results_frame
+import pandas as pd
+
+from manifests import ItemResult, StageOutcome, already_published, failed, fold_item, results_frame
 
 STAGES = ("prepare_portrait", "prepare_audio", "motion", "render", "mux", "publish")
 MUXED = {"sha256": "ab" * 32, "n_frames": 81, "video_seconds": 3.24, "audio_seconds": 3.24}
@@ -65,3 +67,26 @@ def test_results_columns_come_from_the_stage_names_and_extras_never_overwrite_th
     assert frame.loc[0, "status"] == "succeeded" and frame.loc[0, "manifest_status"] == "take-2"
     assert frame.loc[0, "character"] == "alice"
     assert list(results_frame([], STAGES).columns) == list(frame.columns)[:-2]  # the same, less the extras
+
+
+def test_results_read_back_from_a_table_are_the_items_written(tmp_path):
+    """A shard's results, merged by its parent run, are the items the shard recorded: missing values, counts,
+    per-stage seconds and flags, and the manifest's own columns (one named like a results column) survive."""
+    from manifests import read_results, write_results
+
+    outcomes = {s: completed(seconds=i + 1.0) for i, s in enumerate(STAGES)}
+    outcomes["mux"], outcomes["publish"] = completed(5.0, ref=MUXED), completed(6.0, attempts=2, ref=PUBLISHED)
+    done = fold_item(base(), outcomes)
+    bad = failed(ItemResult(row=0, item_id="b", status="succeeded", backend="preview", extra={"character": "bob"}),
+                 "prepare_audio", "UndecodableAudio", "b.wav: not audio")
+    uri = str(tmp_path / "shard.parquet")
+    write_results([done, bad], uri, STAGES)
+    back = read_results(uri, STAGES)
+    assert [item.item_id for item in back] == ["b", "a"]
+    assert back[0].error_class == "UndecodableAudio" and back[0].frame_count is None and back[0].output_uri is None
+    assert back[1].stage_seconds == done.stage_seconds and back[1].stage_cached == done.stage_cached
+    assert (back[1].frame_count, back[1].attempts, back[1].sha256) == (81, 2, MUXED["sha256"])
+    # a manifest column named like a results column is stored as manifest_<name>, and read back under that name
+    assert back[1].extra == {"manifest_status": "take-2", "character": "alice"}
+    write_results(back, str(tmp_path / "merged.parquet"), STAGES)
+    assert pd.read_parquet(tmp_path / "merged.parquet").equals(pd.read_parquet(uri))

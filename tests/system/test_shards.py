@@ -1,0 +1,152 @@
+"""A manifest spread over a process work pool with two workers, on a Prefect server backed by PostgreSQL: 12 rows in
+4 shards, one worker SIGKILLed mid-shard. The lost shard is marked Crashed by `avatar-batch setup`'s heartbeat
+automation and dispatched again; the merged results hold every row once, the items published before the kill are
+not rendered again, and nothing half-written is visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import pandas as pd
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
+
+from tasks.graph import GRAPHS
+
+pytestmark = pytest.mark.system
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _manifest(path: Path, demo_dir: Path) -> None:
+    """2 portraits x 2 prompts x 3 lines: 4 groups of rows that belong together."""
+    rows = []
+    for p, portrait in enumerate(["astronaut.png", "astronaut_closeup.jpg"]):
+        for q, prompt in enumerate(["a calm narrator", "an excited host"]):
+            for n, audio in enumerate(["hello_en_us.wav", "fox_en_f.wav", "pauses_en_gb.wav"]):
+                rows.append({"item_id": f"p{p}-q{q}-line{n}", "portrait_uri": str(demo_dir / portrait),
+                             "audio_uri": str(demo_dir / audio), "prompt": prompt, "seed": len(rows)})
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def _worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:
+    """One worker per GPU: at most one shard at a time (`--limit 1`)."""
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "avatar-render", "--type", "process",
+                             "--name", name, "--limit", "1"], cwd=REPO, env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _shard_runs(client: SyncPrefectClient, stem: str) -> list:
+    like = FlowRunFilter(name=FlowRunFilterName(like_=f"render-{stem}-"))
+    return client.read_flow_runs(flow_run_filter=like)
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_sharded_manifest_survives_a_killed_worker(tmp_path, demo_dir, prefect_server_pg, postgres_url, cli):
+    env = {**os.environ, **prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    setup = cli(["setup", "--missed-heartbeats", "2"], {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert "work pool avatar-render: created" in setup.stderr and "silent for 2 x 30 s" in setup.stderr
+    again = cli(["setup", "--missed-heartbeats", "2"], {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
+    assert again.returncode == 0 and "avatar-render: exists" in again.stderr and ": updated" in again.stderr
+
+    manifest, out = tmp_path / "catalog12.parquet", tmp_path / "out"
+    _manifest(manifest, demo_dir)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"shards": {"min_rows": 4, "poll_seconds": 1}}))
+    workers = {name: _worker(env, name, tmp_path / f"{name}.log") for name in ("worker-a", "worker-b")}
+    render = subprocess.Popen([str(BIN / "avatar-batch"), "render", str(manifest), "--output", str(out),
+                               "--config", str(config), "--shard-deployment", "render-shard/shard",
+                               "--rows-per-shard", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    videos = out / "videos"
+    killed, before = None, {}
+    try:
+        with SyncPrefectClient(prefect_server_pg["PREFECT_API_URL"]) as client:
+            deadline = time.monotonic() + 240
+            while killed is None:
+                assert render.poll() is None and time.monotonic() < deadline, "no shard was caught mid-way"
+                for run in _shard_runs(client, "catalog12"):
+                    ids = [f"p{r // 6}-q{r // 3 % 2}-line{r % 3}" for r in run.parameters["rows"]]
+                    done = [i for i in ids if (videos / f"{i}.json").exists()]
+                    if run.state.is_running() and run.infrastructure_pid and 0 < len(done) < len(ids):
+                        pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+                        owner = next(n for n, w in workers.items() if w.pid == _parent_pid(pid))
+                        before = {i: (videos / f"{i}.mp4").stat() for i in done}
+                        os.kill(pid, signal.SIGKILL)  # the machine is gone: its flow run and its worker
+                        os.killpg(workers[owner].pid, signal.SIGKILL)
+                        killed = (run, owner)
+                        break
+                time.sleep(0.2)
+        stdout, stderr = render.communicate(timeout=420)
+    finally:
+        render.kill()
+        for worker in workers.values():
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(timeout=30)
+    assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+    # every row once, all rendered; the shard tables were merged and removed
+    results = pd.read_parquet(out / "results.parquet")
+    assert list(results["row"]) == list(range(12)) and (results["status"] == "succeeded").all()
+    assert json.loads((out / "summary.json").read_text())["items"] == 12
+    assert not (out / ".cache" / "shards").exists() or not any((out / ".cache" / "shards").rglob("*.parquet"))
+
+    # four shards, each one portrait and prompt; the killed one Crashed by the automation, then ran again
+    lost, _ = killed
+    with SyncPrefectClient(prefect_server_pg["PREFECT_API_URL"]) as client:
+        runs = _shard_runs(client, "catalog12")
+        latest = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=["render-catalog12-shards", "render-catalog12-progress"])))
+    shown = {a.key: a for a in latest}
+    table = json.loads(shown["render-catalog12-shards"].data)
+    assert [r["rows"] for r in table] == [3, 3, 3, 3] and sorted(r["dispatches"] for r in table) == [1, 1, 1, 2]
+    assert shown["render-catalog12-progress"].data == 100.0
+    by_rows: dict[tuple, list] = {}
+    for run in runs:
+        by_rows.setdefault(tuple(run.parameters["rows"]), []).append(run)
+    assert sorted(by_rows) == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+    retried = by_rows[tuple(lost.parameters["rows"])]
+    assert sorted(r.state.name for r in retried) == ["Completed", "Crashed"], [r.state for r in retried]
+    crashed = next(r for r in retried if r.state.name == "Crashed")
+    assert "no heartbeat" in (crashed.state.message or "")
+    assert all(len(v) == 1 and v[0].state.name == "Completed" for k, v in by_rows.items() if v is not retried)
+
+    # what the killed shard had published stays as it was: found by its render key, never rendered again
+    stages = len(GRAPHS["preview"].names)
+    for item, stat in before.items():
+        now = (videos / f"{item}.mp4").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), item
+        assert int(results.loc[results["item_id"] == item, "cache_hits"].iloc[0]) == stages, item
+
+    # nothing half-written: exactly a video and a sidecar per item, each video whole
+    assert sorted(p.name for p in videos.iterdir()) == sorted(f"{i}{ext}" for i in results["item_id"]
+                                                              for ext in (".json", ".mp4"))
+    for row in results.itertuples():
+        with av.open(row.output_uri) as container:
+            assert sum(1 for _ in container.decode(video=0)) == row.frame_count
+
+    # the production database holds the runs
+    pg = subprocess.run(["psql", postgres_url.replace("+asyncpg", ""), "-tAc",
+                         "select count(*) from flow_run where name like 'render-catalog12-%'"],
+                        capture_output=True, text=True, check=True)
+    assert int(pg.stdout.strip()) == len(runs) == 5
