@@ -1,0 +1,140 @@
+"""Throughput of a sharded manifest: one worker pinned to one core against two workers pinned to a core each.
+
+    python benchmarks/shard_bench.py [--shards 8] [--rows-per-shard 3] [--clip-seconds 8] [--database-url URL]
+
+A real `prefect server` on 127.0.0.1 (SQLite, or the PostgreSQL at ``--database-url``), `avatar-batch setup`, then
+the same manifest of preview items (a distinct clip per row, one portrait and prompt per shard) rendered through
+`avatar-batch render --shard-deployment render-shard/shard` from a fresh output, first with one process worker
+(`taskset -c 0`, `--limit 1`), then with two (cores 0 and 1). Target: 2 workers / 1 worker throughput ≥ 1.7×.
+
+The orchestration share is the part of the workers' core time not spent in the stage functions: the same rows in
+a plain loop on one core (`plain_loop.py`, no Prefect) take ``loop`` seconds, so share = 1 - loop / (wall x workers).
+The server and the parent run share the same two cores with the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "manifests" / "demo"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "system"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from conftest import free_port  # noqa: E402 - the tests' helper
+from pipeline_bench import _speech, _start_server, print_table  # noqa: E402 - shared with the preview bench
+
+_LOOP = """
+import sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {bench!r})
+from plain_loop import run_plain
+from tasks.config import PipelineConfig
+print(run_plain({manifest!r}, {output!r}, PipelineConfig())[0])
+"""
+
+
+def _manifest(tmp: Path, shards: int, rows_per_shard: int, clip_seconds: float) -> Path:
+    rows = []
+    for shard in range(shards):
+        for line in range(rows_per_shard):
+            audio = _speech(clip_seconds + 0.04 * len(rows), tmp / f"line{len(rows)}.wav")
+            portrait = DEMO / ("astronaut.png", "astronaut_closeup.jpg")[shard % 2]
+            rows.append({"item_id": f"s{shard}-line{line}", "portrait_uri": str(portrait),
+                         "audio_uri": str(audio), "prompt": f"take {shard}", "seed": len(rows)})
+    path = tmp / "catalog.parquet"
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    return path
+
+
+def _online_workers(n: int, timeout: float = 60) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool("avatar-render")) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} worker(s) did not come online")
+            time.sleep(0.5)
+
+
+def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_shard: int, tmp: Path) -> float:
+    """Wall seconds of `avatar-batch render` over a pool of one pinned worker per core in ``cores``."""
+    env = {**os.environ, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    workers = [subprocess.Popen(["taskset", "-c", str(core), str(BIN / "prefect"), "worker", "start", "--pool",
+                                 "avatar-render", "--type", "process", "--limit", "1", "--name",
+                                 f"bench-{len(cores)}-{core}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) for core in cores]
+    try:
+        _online_workers(len(cores))
+        config = tmp / "shards.json"
+        config.write_text(json.dumps({"shards": {"min_rows": 1, "poll_seconds": 1}}))
+        started = time.perf_counter()
+        done = subprocess.run([str(BIN / "avatar-batch"), "render", str(manifest), "--output", str(output),
+                               "--config", str(config), "--shard-deployment", "render-shard/shard",
+                               "--rows-per-shard", str(rows_per_shard), "--quiet"], env=env, capture_output=True,
+                              text=True, check=False)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"the sharded render failed: {done.stderr[-2000:]}")
+        return wall
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, 15)
+            worker.wait(timeout=30)
+        time.sleep(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--rows-per-shard", type=int, default=3)
+    parser.add_argument("--clip-seconds", type=float, default=8.0)
+    parser.add_argument("--database-url", default=None, help="postgresql+asyncpg://… for the server (else SQLite)")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="shard-bench-"))
+    server = _start_server(tmp, free_port(), args.database_url)
+    try:
+        setup = subprocess.run([str(BIN / "avatar-batch"), "setup"], cwd=REPO, capture_output=True, text=True,
+                               env={**os.environ, "AVATAR_BATCH_HOME": str(REPO)}, check=False)
+        if setup.returncode != 0:
+            raise RuntimeError(setup.stderr)
+        manifest = _manifest(tmp, args.shards, args.rows_per_shard, args.clip_seconds)
+        loop = float(subprocess.run(["taskset", "-c", "0", sys.executable, "-c", _LOOP.format(
+            repo=str(REPO), bench=str(REPO / "benchmarks"), manifest=str(manifest), output=str(tmp / "loop"))],
+            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        one = _sharded_render(manifest, tmp / "one", [0], args.rows_per_shard, tmp)
+        two = _sharded_render(manifest, tmp / "two", [0, 1], args.rows_per_shard, tmp)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rows = args.shards * args.rows_per_shard
+    print(f"{rows} preview rows ({args.clip_seconds:.0f} s clips) in {args.shards} shards; server on "
+          f"{'PostgreSQL' if args.database_url else 'SQLite'}")
+    print_table([
+        ("throughput, 2 pinned workers / 1 pinned worker", f"{one:.1f} s vs {two:.1f} s", f"{one / two:.2f}×",
+         "≥ 1.7×", one / two >= 1.7),
+        ("(info) plain loop on one core, no Prefect", f"{loop:.1f} s", "–", "–", None),
+        ("(info) orchestration share, 1 worker", f"1 - {loop:.1f} / {one:.1f}", f"{1 - loop / one:.1%}", "–", None),
+        ("(info) orchestration share, 2 workers", f"1 - {loop:.1f} / (2 x {two:.1f})",
+         f"{1 - loop / (2 * two):.1%}", "–", None),
+    ])
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
