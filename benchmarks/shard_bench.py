@@ -76,8 +76,8 @@ def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_sha
     env = {**os.environ, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     workers = [subprocess.Popen(["taskset", "-c", str(core), str(BIN / "prefect"), "worker", "start", "--pool",
-                                 "avatar-render", "--type", "process", "--limit", "1", "--name",
-                                 f"bench-{len(cores)}-{core}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 "avatar-render", "--work-queue", "shards", "--type", "process", "--limit", "1",
+                                 "--name", f"bench-{len(cores)}-{core}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True) for core in cores]
     try:
         _online_workers(len(cores))

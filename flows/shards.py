@@ -33,6 +33,7 @@ from tasks.graph import ALL_STAGES
 from .dag import ROWS_FAILED, RunResults
 from .report import shown
 
+
 @dataclass(frozen=True)
 class Shard:
     index: int

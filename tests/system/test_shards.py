@@ -43,10 +43,10 @@ def _manifest(path: Path, demo_dir: Path) -> None:
 
 
 def _worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:
-    """One worker per GPU: at most one shard at a time (`--limit 1`)."""
+    """One worker per GPU: the queue of shards, at most one shard at a time (`--limit 1`)."""
     return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "avatar-render", "--type", "process",
-                             "--name", name, "--limit", "1"], cwd=REPO, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--work-queue", "shards", "--name", name, "--limit", "1"], cwd=REPO, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _shard_runs(client: SyncPrefectClient, stem: str) -> list:
