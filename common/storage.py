@@ -157,6 +157,10 @@ class InputDigests:
         self._lock = threading.Lock()
         self._digests: dict[tuple[object, ...], concurrent.futures.Future[str]] = {}
 
+    def __reduce__(self):
+        """Sent to another process (a dask worker), it arrives empty: digests are per process."""
+        return (InputDigests, ())
+
     def sha256(self, uri: str, max_bytes: int, http_hosts: Collection[str] = ()) -> str:
         identity = (uri, *check_input(uri, max_bytes, http_hosts))
         with self._lock:

@@ -37,13 +37,14 @@ def render(
     shard_deployment: Annotated[Optional[str], typer.Option(
         help="spread the manifest over this render-shard deployment's work pool (e.g. render-shard/shard)")] = None,
     rows_per_shard: Annotated[Optional[int], typer.Option(help="rows of one shard (default 100)")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(
+        help="run the stage tasks on this dask cluster (tcp://host:8786) instead of this process's threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line from INFO up")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no bar, no log lines: only the summary")] = False,
 ) -> None:
     """Render every row of MANIFEST into OUTPUT; exit 1 if any row failed, 2 if the input is unusable."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from common.errors import ConfigurationError
+    from flows.engines import InThisProcess, task_runner
     from flows.render_manifest import ItemsFailed, render_manifest
     from flows.shards import check_pool, sharded
     from flows.terminal import RenderProgress, failed_rows_table, route_logs
@@ -52,7 +53,7 @@ def render(
 
     try:
         base = PipelineConfig.model_validate_json(config.read_text()) if config else PipelineConfig()
-        flags = {"backend": backend, "cache_uri": cache, "max_workers": max_workers}
+        flags = {"backend": backend, "cache_uri": cache, "max_workers": max_workers, "dask_address": dask_address}
         settings = {**base.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
         if retries is not None:
             settings["retry"] = {**settings["retry"], "retries": retries}
@@ -78,11 +79,12 @@ def render(
         console.print(f"[red]run refused:[/red] {exc}")
         raise typer.Exit(2) from exc
 
-    flow = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))
+    flow = render_manifest.with_options(task_runner=task_runner(cfg))
     route_logs(console, verbose=verbose, quiet=quiet)
     bar = RenderProgress(console, total, quiet=quiet)
     with bar.shown():
-        state = flow(manifest_uri=manifest, output_uri=output, config=cfg, on_item=bar.item_done, return_state=True)
+        state = flow(manifest_uri=manifest, output_uri=output, config=cfg, on_item=InThisProcess(bar.item_done),
+                     return_state=True)
 
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, (ManifestError, ConfigurationError)):

@@ -29,6 +29,7 @@ from tasks.models import process_models
 from tasks.render import SKIPPED, Job, StageFailed, resolve_task, stage_tasks
 from tasks.stages.delivery import output_uris
 
+from .engines import placed
 from .report import RunReport
 
 SHARED_KEYS_PER_ITEM = 8  # cached stage futures kept for reuse, per item of the window
@@ -157,11 +158,17 @@ class ManifestRender:
             run.futures[stage.name] = self.by_key[key]
             run.shared.add(stage.name)
             return
-        inputs = {name: allow_failure(run.futures[name]) for name in stage.inputs}  # see tasks.render.run_stage
+        # inputs reach a stage even when their stage failed (see tasks.render.run_stage); dask loses `allow_failure`
+        # on the way (flows.engines), so there a stage after a failed one ends NotReady instead
+        tolerant = allow_failure if not self.cfg.dask_address else (lambda future: future)
+        inputs = {name: tolerant(run.futures[name]) for name in stage.inputs}
         # this run's gpu stages queue here in submission order, so only other runs contend for the GPU slot
-        # (a slot wait is a server poll that backs off up to 30 s; a local queue hands the GPU on at once)
-        after = [allow_failure(self.last_gpu)] if stage.resource == "gpu" and self.last_gpu else None
-        future = self.tasks[stage.name].submit(stage.name, run.row.item_id, key, inputs, run.job, wait_for=after)
+        # (a slot wait is a server poll that backs off up to 30 s; a local queue hands the GPU on at once); on dask
+        # the workers' GPU resource does the queueing
+        chained = stage.resource == "gpu" and self.last_gpu and not self.cfg.dask_address
+        after = [allow_failure(self.last_gpu)] if chained else None
+        with placed(self.cfg, stage.resource):
+            future = self.tasks[stage.name].submit(stage.name, run.row.item_id, key, inputs, run.job, wait_for=after)
         run.futures[stage.name] = future
         if stage.resource == "gpu":
             self.last_gpu = future

@@ -14,9 +14,9 @@ import pandas as pd
 from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import State
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from common import storage
+from flows.engines import task_runner
 from flows.render_manifest import render_manifest, run_config
 from flows.report import RunReport, artifact_prefix
 from manifests import ManifestError, load_manifest
@@ -61,7 +61,7 @@ def nightly_render(manifest_template: str, output_template: str, day: date | Non
                                                                   for r in rows}, live_table=False)
     if rows:
         report.start()
-    render = render_manifest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.max_workers))
+    render = render_manifest.with_options(task_runner=task_runner(cfg))
     state = render(manifest_uri=manifest_uri, output_uri=output_uri, config=cfg, on_item=report.item,
                    return_state=True)
     summary_uri = storage.join(output_uri, "summary.json")

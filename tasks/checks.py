@@ -35,6 +35,9 @@ def prepare_run(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.video.fps != 25:
         raise ConfigurationError(f"the {cfg.backend} backend renders 25 fps (its audio features are 25 per second); "
                                  f"set video.fps to 25, not {cfg.video.fps}")
+    if cfg.dask_address and cfg.diffusion.memory == "stage-major":
+        raise ConfigurationError("diffusion.memory='stage-major' releases models in the flow's own process; on a dask "
+                                 "cluster the models live in its workers: use memory='resident'")
     if cfg.backend == "hunyuan-avatar":
         check_weights(cfg)
     return cfg.model_copy(update={"diffusion": resolve_diffusion(cfg.diffusion, cuda_available())})

@@ -58,6 +58,9 @@ class PipelineConfig(BaseModel):
     backend: str = Field("preview", description="renderer: preview | tiny-random | hunyuan-avatar")
     cache_uri: str | None = Field(None, description="where stage artifacts are cached; default <output>/.cache")
     max_workers: int = Field(4, ge=1, le=64, description="concurrent stage tasks in one flow run")
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls)://[^\s/]+:\d+$", description="run the stage tasks "
+                                     "on this dask cluster (tcp://host:8786; the `dask` extra) instead of threads of "
+                                     "the flow's process; gpu stages ask for one GPU resource")
     window: int = Field(32, ge=1, le=4096, description="items in flight at once (resolving or rendering): a "
                         "manifest of any length starts at once and memory stays flat")
     gpu_slot: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
@@ -75,3 +78,5 @@ class PipelineConfig(BaseModel):
 
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+        if self.dask_address and self.shards.deployment:
+            raise ValueError("dask_address and shards.deployment are two ways to spread a run: choose one")

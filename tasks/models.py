@@ -8,6 +8,7 @@ test can prove that each config field reaches the pipeline or is declared operat
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,9 +82,17 @@ def pipeline_inputs(cfg: PipelineConfig) -> PipelineInputs:
     return PipelineInputs(load=load, config=config, steps=d.steps, guidance_scale=d.guidance_scale)
 
 
-@functools.cache
+_FIRST_USE = threading.Lock()  # two threads asking first would each build a registry, and load the models twice
+
+
 def process_models() -> ResidentModels:
     """The models resident in this process, shared by every flow run and thread in it."""
+    with _FIRST_USE:
+        return _resident_models()
+
+
+@functools.cache
+def _resident_models() -> ResidentModels:
     from avatar_model.hunyuan.resident import ResidentModels
 
     return ResidentModels()

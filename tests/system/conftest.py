@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -178,6 +179,24 @@ def s3_auth_server():
     yield {user: {**base, **key} for user, key in keys.items()}, writer
     server.kill()
     server.wait()
+
+
+def write_catalog(path: Path, demo_dir: Path) -> list[str]:
+    """A 12-row manifest: 2 portraits x 2 prompts x 3 lines, 4 groups of rows that belong together; its item ids."""
+    rows = []
+    for p, portrait in enumerate(["astronaut.png", "astronaut_closeup.jpg"]):
+        for q, prompt in enumerate(["a calm narrator", "an excited host"]):
+            for n, audio in enumerate(["hello_en_us.wav", "fox_en_f.wav", "pauses_en_gb.wav"]):
+                rows.append({"item_id": f"p{p}-q{q}-line{n}", "portrait_uri": str(demo_dir / portrait),
+                             "audio_uri": str(demo_dir / audio), "prompt": prompt, "seed": len(rows)})
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    return [r["item_id"] for r in rows]
+
+
+@pytest.fixture()
+def catalog12(tmp_path, demo_dir) -> tuple[Path, list[str]]:
+    path = tmp_path / "catalog12.parquet"
+    return path, write_catalog(path, demo_dir)
 
 
 @pytest.fixture(scope="session")

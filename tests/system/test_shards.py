@@ -31,17 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _manifest(path: Path, demo_dir: Path) -> None:
-    """2 portraits x 2 prompts x 3 lines: 4 groups of rows that belong together."""
-    rows = []
-    for p, portrait in enumerate(["astronaut.png", "astronaut_closeup.jpg"]):
-        for q, prompt in enumerate(["a calm narrator", "an excited host"]):
-            for n, audio in enumerate(["hello_en_us.wav", "fox_en_f.wav", "pauses_en_gb.wav"]):
-                rows.append({"item_id": f"p{p}-q{q}-line{n}", "portrait_uri": str(demo_dir / portrait),
-                             "audio_uri": str(demo_dir / audio), "prompt": prompt, "seed": len(rows)})
-    pd.DataFrame(rows).to_parquet(path, index=False)
-
-
 def _worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:
     """One worker per GPU: the queue of shards, at most one shard at a time (`--limit 1`)."""
     return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "avatar-render", "--type", "process",
@@ -58,7 +47,7 @@ def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def test_sharded_manifest_survives_a_killed_worker(tmp_path, demo_dir, prefect_server_pg, postgres_url, cli):
+def test_sharded_manifest_survives_a_killed_worker(tmp_path, catalog12, prefect_server_pg, postgres_url, cli):
     env = {**os.environ, **prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     setup = cli(["setup", "--missed-heartbeats", "2"], {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
@@ -67,8 +56,7 @@ def test_sharded_manifest_survives_a_killed_worker(tmp_path, demo_dir, prefect_s
     again = cli(["setup", "--missed-heartbeats", "2"], {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
     assert again.returncode == 0 and "avatar-render: exists" in again.stderr and ": updated" in again.stderr
 
-    manifest, out = tmp_path / "catalog12.parquet", tmp_path / "out"
-    _manifest(manifest, demo_dir)
+    (manifest, item_ids), out = catalog12, tmp_path / "out"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"shards": {"min_rows": 4, "poll_seconds": 1}}))
     workers = {name: _worker(env, name, tmp_path / f"{name}.log") for name in ("worker-a", "worker-b")}
@@ -84,7 +72,7 @@ def test_sharded_manifest_survives_a_killed_worker(tmp_path, demo_dir, prefect_s
             while killed is None:
                 assert render.poll() is None and time.monotonic() < deadline, "no shard was caught mid-way"
                 for run in _shard_runs(client, "catalog12"):
-                    ids = [f"p{r // 6}-q{r // 3 % 2}-line{r % 3}" for r in run.parameters["rows"]]
+                    ids = [item_ids[r] for r in run.parameters["rows"]]
                     done = [i for i in ids if (videos / f"{i}.json").exists()]
                     if run.state.is_running() and run.infrastructure_pid and 0 < len(done) < len(ids):
                         pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
