@@ -25,10 +25,11 @@ def run_plain(manifest: str, output: str, cfg) -> tuple[float, Counter]:
     cfg = prepare_run(cfg)
     graph, cache = GRAPHS[cfg.backend], cfg.cache_uri or storage.join(output, ".cache")
     done: dict[str, object] = {}
+    digests = storage.InputDigests()
     seconds: Counter = Counter()
     for row in load_manifest(manifest):
         item, row_cfg = item_of(row), row_config(cfg, row)
-        resolved = resolve(item, row_cfg, graph, output)
+        resolved = resolve(item, row_cfg, graph, output, digests)
         refs: dict[str, object] = {}
         for stage in graph:
             key = resolved.stage_keys[stage.name]

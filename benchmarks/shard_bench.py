@@ -1,6 +1,6 @@
 """Throughput of a sharded manifest: one worker pinned to one core against two workers pinned to a core each.
 
-    python benchmarks/shard_bench.py [--shards 8] [--rows-per-shard 3] [--clip-seconds 8] [--database-url URL]
+    python benchmarks/shard_bench.py [--shards 4] [--rows-per-shard 8] [--clip-seconds 6] [--database-url URL]
 
 A real `prefect server` on 127.0.0.1 (SQLite, or the PostgreSQL at ``--database-url``), `avatar-batch setup`, then
 the same manifest of preview items (a distinct clip per row, one portrait and prompt per shard) rendered through
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests" / "system"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from conftest import free_port  # noqa: E402 - the tests' helper
-from pipeline_bench import _speech, _start_server, print_table  # noqa: E402 - shared with the preview bench
+from pipeline_bench import _speech, _start_server, _tree_cpu_seconds, print_table  # noqa: E402 - shared with the preview bench
 
 _LOOP = """
 import sys
@@ -71,8 +71,10 @@ def _online_workers(n: int, timeout: float = 60) -> None:
             time.sleep(0.5)
 
 
-def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_shard: int, tmp: Path) -> float:
-    """Wall seconds of `avatar-batch render` over a pool of one pinned worker per core in ``cores``."""
+def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_shard: int, tmp: Path,
+                    server_pid: int) -> tuple[float, float]:
+    """Wall seconds of `avatar-batch render` over a pool of one pinned worker per core in ``cores``, and the
+    server's CPU seconds meanwhile."""
     env = {**os.environ, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     workers = [subprocess.Popen(["taskset", "-c", str(core), str(BIN / "prefect"), "worker", "start", "--pool",
@@ -83,15 +85,15 @@ def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_sha
         _online_workers(len(cores))
         config = tmp / "shards.json"
         config.write_text(json.dumps({"shards": {"min_rows": 1, "poll_seconds": 1}}))
-        started = time.perf_counter()
+        started, server_cpu = time.perf_counter(), _tree_cpu_seconds(server_pid)
         done = subprocess.run([str(BIN / "avatar-batch"), "render", str(manifest), "--output", str(output),
                                "--config", str(config), "--shard-deployment", "render-shard/shard",
                                "--rows-per-shard", str(rows_per_shard), "--quiet"], env=env, capture_output=True,
                               text=True, check=False)
-        wall = time.perf_counter() - started
+        wall, server_cpu = time.perf_counter() - started, _tree_cpu_seconds(server_pid) - server_cpu
         if done.returncode != 0:
             raise RuntimeError(f"the sharded render failed: {done.stderr[-2000:]}")
-        return wall
+        return wall, server_cpu
     finally:
         for worker in workers:
             os.killpg(worker.pid, 15)
@@ -101,9 +103,9 @@ def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_sha
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--rows-per-shard", type=int, default=3)
-    parser.add_argument("--clip-seconds", type=float, default=8.0)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--rows-per-shard", type=int, default=8)
+    parser.add_argument("--clip-seconds", type=float, default=6.0)
     parser.add_argument("--database-url", default=None, help="postgresql+asyncpg://… for the server (else SQLite)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shard-bench-"))
@@ -117,8 +119,8 @@ def main() -> None:
         loop = float(subprocess.run(["taskset", "-c", "0", sys.executable, "-c", _LOOP.format(
             repo=str(REPO), bench=str(REPO / "benchmarks"), manifest=str(manifest), output=str(tmp / "loop"))],
             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        one = _sharded_render(manifest, tmp / "one", [0], args.rows_per_shard, tmp)
-        two = _sharded_render(manifest, tmp / "two", [0, 1], args.rows_per_shard, tmp)
+        one, one_cpu = _sharded_render(manifest, tmp / "one", [0], args.rows_per_shard, tmp, server.pid)
+        two, two_cpu = _sharded_render(manifest, tmp / "two", [0, 1], args.rows_per_shard, tmp, server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -132,6 +134,8 @@ def main() -> None:
         ("(info) orchestration share, 1 worker", f"1 - {loop:.1f} / {one:.1f}", f"{1 - loop / one:.1%}", "–", None),
         ("(info) orchestration share, 2 workers", f"1 - {loop:.1f} / (2 x {two:.1f})",
          f"{1 - loop / (2 * two):.1%}", "–", None),
+        ("(info) Prefect server CPU during the render, 1 / 2 workers", f"{one_cpu:.1f} / {two_cpu:.1f} CPU-s",
+         f"{one_cpu / one:.0%} / {two_cpu / two:.0%} of wall", "–", None),
     ])
     shutil.rmtree(tmp, ignore_errors=True)
 
