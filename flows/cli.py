@@ -277,6 +277,51 @@ def setup(
         raise typer.Exit(2) from exc
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    deployment: Annotated[str, typer.Option(help="the deployment each job runs")] = "render-manifest/adhoc",
+    jobs_prefix: Annotated[Optional[str], typer.Option(help="where uploads and their outputs go "
+                                                       "[env AVATAR_BATCH_JOBS_PREFIX]")] = None,
+    requests_per_minute: Annotated[int, typer.Option(min=1, help="requests per token per minute")] = 120,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="an origin browsers may call from (repeat); "
+                                                             "none by default")] = None,
+) -> None:
+    """The job API (FastAPI). Tokens: AVATAR_BATCH_API_TOKENS (name=token,…) or the Prefect Secret block named in
+    AVATAR_BATCH_API_TOKENS_BLOCK; jobs may name URIs under AVATAR_BATCH_API_ALLOWED (comma-separated prefixes)."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings, parse_tokens
+    from common.errors import ConfigurationError
+
+    try:
+        block = os.environ.get("AVATAR_BATCH_API_TOKENS_BLOCK")
+        if block:
+            from prefect.blocks.system import Secret
+
+            raw = Secret.load(block).get()
+            text = json.dumps(raw) if isinstance(raw, dict) else str(raw)
+        else:
+            text = os.environ.get("AVATAR_BATCH_API_TOKENS", "")
+        if not text:
+            raise ConfigurationError("no API tokens: set AVATAR_BATCH_API_TOKENS (name=token,…) or "
+                                     "AVATAR_BATCH_API_TOKENS_BLOCK (a Prefect Secret block)")
+        prefix = jobs_prefix or os.environ.get("AVATAR_BATCH_JOBS_PREFIX")
+        if not prefix:
+            raise ConfigurationError("no jobs prefix: pass --jobs-prefix or set AVATAR_BATCH_JOBS_PREFIX")
+        prefix = prefix if "://" in prefix else os.path.abspath(prefix)
+        allowed = tuple(p for p in os.environ.get("AVATAR_BATCH_API_ALLOWED", "").split(",") if p)
+        settings = ApiSettings(tokens=parse_tokens(text), deployment=deployment, jobs_prefix=prefix,
+                               allowed_prefixes=(prefix, *allowed), requests_per_minute=requests_per_minute,
+                               cors_origins=tuple(cors_origin or ()))
+    except (ConfigurationError, ValueError) as exc:
+        console.print(f"[red]api not started:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 server_app = typer.Typer(no_args_is_help=True, help="This machine's Prefect server in the background (history and "
                                                    "UI persist; every command uses it while it is up).")
 app.add_typer(server_app, name="server")

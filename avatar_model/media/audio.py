@@ -68,6 +68,15 @@ class SpeechStats:
     peak: float
 
 
+def container_format(path: str | Path, name: str = "audio") -> str:
+    """The container FFmpeg finds in the file's bytes (``wav``, ``mp3``, …), under the decode's whitelists."""
+    try:
+        with av.open(str(path), options=_WHITELISTS) as container:
+            return container.format.name
+    except av.FFmpegError as exc:
+        raise UndecodableAudio(f"{name}: cannot decode audio: {str(exc).replace(repr(str(path)), 'the file')}") from exc
+
+
 def probe_seconds(path: str | Path, name: str = "audio") -> float | None:
     """The clip's duration as its container header states it, read before anything is decoded (None when the
     header does not say). Opened under the same protocol and container whitelists as the decode."""
