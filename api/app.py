@@ -19,11 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound as RunNotFound
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from common import storage
 from common.errors import InputError, InputTooLarge

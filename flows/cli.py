@@ -322,6 +322,29 @@ def api(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 7860,
+    api_url: Annotated[str, typer.Option(help="the job API the page submits to")] = "http://127.0.0.1:8000",
+) -> None:
+    """The producers' page (Gradio) over the job API; its token is AVATAR_BATCH_WEB_TOKEN."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from api.web import JobApi, build_page, page_theme
+    from tasks.graph import BACKENDS
+    from tasks.models import cuda_available
+
+    token = os.environ.get("AVATAR_BATCH_WEB_TOKEN", "")
+    if not token:
+        console.print("[red]web not started:[/red] set AVATAR_BATCH_WEB_TOKEN to a token of the job API")
+        raise typer.Exit(2)
+    # what this host can offer: the CPU backends, and the released model where a GPU is
+    backends = [b for b in BACKENDS if b != "hunyuan-avatar" or cuda_available()]
+    page = build_page(JobApi(api_url, token), ["preview", *(b for b in backends if b != "preview")])
+    page.queue().launch(server_name=host, server_port=port, share=False, show_error=False, quiet=True,
+                        theme=page_theme())
+
+
 server_app = typer.Typer(no_args_is_help=True, help="This machine's Prefect server in the background (history and "
                                                    "UI persist; every command uses it while it is up).")
 app.add_typer(server_app, name="server")

@@ -14,10 +14,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -211,3 +213,40 @@ def cli(tmp_path_factory):
                               text=True, timeout=600, check=False)
 
     return run
+
+
+API_TOKENS = {"studio-a": "a-token-for-studio-a-0123456789", "studio-b": "b-token-for-studio-b-0123456789"}
+
+
+@pytest.fixture(scope="session")
+def job_api(tmp_path_factory, prefect_server):
+    """`avatar-batch setup`, a process worker, and `avatar-batch api` on a free port; yields (url, jobs folder)."""
+    root = tmp_path_factory.mktemp("api")
+    env = {**os.environ, **prefect_server, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "AVATAR_BATCH_STATE": str(root / "state")}
+    setup = subprocess.run([str(BIN / "avatar-batch"), "setup"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert setup.returncode == 0, setup.stderr
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "avatar-render", "--type",
+                               "process"], cwd=REPO, env=env, stdout=(root / "worker.log").open("wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    api_env = {**env, "AVATAR_BATCH_API_TOKENS": ",".join(f"{k}={v}" for k, v in API_TOKENS.items()),
+               "AVATAR_BATCH_JOBS_PREFIX": str(root / "jobs"), "AVATAR_BATCH_API_ALLOWED": str(root / "studio")}
+    server = subprocess.Popen([str(BIN / "avatar-batch"), "api", "--port", str(port), "--requests-per-minute",
+                               "100000"], env=api_env,
+                              stdout=(root / "api.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (root / "api.log").read_text()
+        time.sleep(0.3)
+    yield url, root, server
+    for process in (server, worker):
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -4,9 +4,7 @@ schemathesis against its OpenAPI schema."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,52 +14,16 @@ import av
 import httpx
 import pandas as pd
 import pytest
-
-from conftest import free_port
+from conftest import API_TOKENS as TOKENS
 
 pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TOKENS = {"studio-a": "a-token-for-studio-a-0123456789", "studio-b": "b-token-for-studio-b-0123456789"}
 
 
 def _vmhwm(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory, prefect_server):
-    """`avatar-batch setup`, a process worker, and `avatar-batch api` on a free port; yields (url, jobs folder)."""
-    root = tmp_path_factory.mktemp("api")
-    env = {**os.environ, **prefect_server, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "AVATAR_BATCH_STATE": str(root / "state")}
-    setup = subprocess.run([str(BIN / "avatar-batch"), "setup"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=300, check=False)
-    assert setup.returncode == 0, setup.stderr
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "avatar-render", "--type",
-                               "process"], cwd=REPO, env=env, stdout=(root / "worker.log").open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    port = free_port()
-    api_env = {**env, "AVATAR_BATCH_API_TOKENS": ",".join(f"{k}={v}" for k, v in TOKENS.items()),
-               "AVATAR_BATCH_JOBS_PREFIX": str(root / "jobs"), "AVATAR_BATCH_API_ALLOWED": str(root / "studio")}
-    server = subprocess.Popen([str(BIN / "avatar-batch"), "api", "--port", str(port), "--requests-per-minute",
-                               "100000"], env=api_env,
-                              stdout=(root / "api.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, (root / "api.log").read_text()
-        time.sleep(0.3)
-    yield url, root, server
-    for process in (server, worker):
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def _auth(client: str = "studio-a") -> dict[str, str]:
@@ -86,8 +48,8 @@ def _playable(data: bytes, path: Path, frames: int) -> None:
         assert sum(1 for _ in container.decode(video=0)) == frames
 
 
-def test_a_manifest_job_and_an_upload_job_render_to_playable_videos(api, demo_dir, tmp_path):
-    url, root, _ = api
+def test_a_manifest_job_and_an_upload_job_render_to_playable_videos(job_api, demo_dir, tmp_path):
+    url, root, _ = job_api
     studio = root / "studio"
     studio.mkdir(exist_ok=True)
     (studio / "broken.wav").write_bytes(b"not audio")
@@ -122,8 +84,8 @@ def test_a_manifest_job_and_an_upload_job_render_to_playable_videos(api, demo_di
     assert {made.json()["job_id"], upload.json()["job_id"]} <= {j["job_id"] for j in listed}
 
 
-def test_tokens_limits_and_confinement(api, demo_dir):
-    url, root, server = api
+def test_tokens_limits_and_confinement(job_api, demo_dir):
+    url, root, server = job_api
     body = {"manifest_uri": str(demo_dir.parent / "demo.parquet"), "output_uri": str(root / "studio" / "x")}
     assert httpx.post(f"{url}/v1/jobs", json=body, timeout=10).status_code == 401
     assert httpx.post(f"{url}/v1/jobs", json=body, headers={"Authorization": "Bearer nope"},
@@ -164,8 +126,8 @@ def test_tokens_limits_and_confinement(api, demo_dir):
     assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
 
 
-def test_schemathesis_finds_no_server_errors_or_schema_violations(api):
-    url, _, _ = api
+def test_schemathesis_finds_no_server_errors_or_schema_violations(job_api):
+    url, _, _ = job_api
     done = subprocess.run([str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--max-examples", "25",
                            "--header", f"Authorization: Bearer {TOKENS['studio-a']}",
                            "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",

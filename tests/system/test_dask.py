@@ -13,9 +13,8 @@ from pathlib import Path
 import av
 import pandas as pd
 import pytest
-from distributed import Client
-
 from conftest import free_port
+from distributed import Client
 
 pytestmark = pytest.mark.system
 BIN = Path(sys.executable).parent

@@ -14,7 +14,8 @@ from common.errors import ConfigurationError
 def test_tokens_name_their_client_and_nothing_else():
     settings = ApiSettings(tokens=parse_tokens("studio-a=aaaaaaaaaaaaaaaa1,studio-b=bbbbbbbbbbbbbbbb2"),
                            jobs_prefix="/srv/jobs")
-    assert settings.client_of("aaaaaaaaaaaaaaaa1") == "studio-a" and settings.client_of("bbbbbbbbbbbbbbbb2") == "studio-b"
+    assert settings.client_of("aaaaaaaaaaaaaaaa1") == "studio-a"
+    assert settings.client_of("bbbbbbbbbbbbbbbb2") == "studio-b"
     assert settings.client_of("aaaaaaaaaaaaaaaa") is None and settings.client_of("") is None
     assert "aaaaaaaaaaaaaaaa1" not in repr(settings)  # secrets never print
     assert parse_tokens('{"studio-c": "cccccccccccccccc3"}')["studio-c"].get_secret_value() == "cccccccccccccccc3"
