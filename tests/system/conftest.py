@@ -222,7 +222,7 @@ API_TOKENS = {"studio-a": "a-token-for-studio-a-0123456789", "studio-b": "b-toke
 def job_api(tmp_path_factory, prefect_server):
     """`avatar-batch setup`, a process worker, and `avatar-batch api` on a free port; yields (url, jobs folder)."""
     root = tmp_path_factory.mktemp("api")
-    env = {**os.environ, **prefect_server, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+    env = {**os.environ, **prefect_server, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2",
            "AVATAR_BATCH_STATE": str(root / "state")}
     setup = subprocess.run([str(BIN / "avatar-batch"), "setup"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300, check=False)
@@ -237,16 +237,19 @@ def job_api(tmp_path_factory, prefect_server):
                                "100000"], env=api_env,
                               stdout=(root / "api.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, (root / "api.log").read_text()
-        time.sleep(0.3)
-    yield url, root, server
-    for process in (server, worker):
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (root / "api.log").read_text()
+            time.sleep(0.3)
+        yield url, root, server
+    finally:
+        for process in (server, worker):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)

@@ -30,17 +30,19 @@ def web(job_api, tmp_path):
     page = subprocess.Popen([str(BIN / "avatar-batch"), "web", "--port", str(port), "--api-url", url], env=env,
                             stdout=(tmp_path / "web.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(address, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert page.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
-        time.sleep(0.5)
-    yield address
-    os.killpg(page.pid, signal.SIGTERM)
-    page.wait(timeout=30)
+    try:
+        while True:
+            try:
+                if httpx.get(address, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert page.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
+            time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(page.pid, signal.SIGTERM)
+        page.wait(timeout=30)
 
 
 def test_a_line_uploaded_in_the_page_renders_and_plays(web, demo_dir, tmp_path):
