@@ -4,6 +4,7 @@ a bad row fails alone with its error class in the results."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,17 @@ import av
 import pandas as pd
 import pytest
 from conftest import free_port
-from distributed import Client
 
 pytestmark = pytest.mark.system
 BIN = Path(sys.executable).parent
+
+
+def _ask(address: str, statement: str) -> str:
+    """Run ``statement`` with a dask ``client`` in a process of its own (no client threads stay in this one)."""
+    code = (f"import json\nfrom distributed import Client\nwith Client({address!r}, timeout=60) as client:\n"
+            f"    {statement}")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          check=True).stdout
 
 
 @pytest.fixture()
@@ -33,8 +41,7 @@ def dask_cluster(tmp_path, prefect_server):
                                     "--nthreads", "2", "--resources", "GPU=1", "--no-dashboard"], env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                   for name, log in zip(("a", "b"), logs[1:], strict=True)]
-    with Client(address, timeout=60) as client:
-        client.wait_for_workers(2, timeout=120)
+    _ask(address, "client.wait_for_workers(2, timeout=120)")
     yield address
     for process in processes[::-1]:
         process.terminate()
@@ -63,7 +70,7 @@ def test_a_manifest_renders_on_a_dask_cluster(tmp_path, catalog12, dask_cluster,
         with av.open(results.loc[item, "output_uri"]) as container:
             assert sum(1 for _ in container.decode(video=0)) == results.loc[item, "frame_count"]
 
-    with Client(dask_cluster, timeout=30) as client:
-        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    executed = json.loads(_ask(dask_cluster, "print(json.dumps(client.run("
+                                              "lambda dask_worker: dask_worker.state.executed_count)))"))
     assert len(executed) == 2 and all(n > 0 for n in executed.values()), executed  # both workers rendered
     print(f"13 rows on dask in {time.monotonic() - started:.1f} s; tasks per worker: {sorted(executed.values())}")
