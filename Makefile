@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/avatar-batch render manifests/demo.parquet --output $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: install
 	$(BIN)/python benchmarks/pipeline_bench.py

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import API_TOKENS, free_port
 
 pytestmark = pytest.mark.system
