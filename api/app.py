@@ -204,23 +204,24 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise HTTPException(403, f"job {job_id} belongs to another client")
         return run
 
+    def summary(run, **more: Any) -> JobStatus:
+        return JobStatus(job_id=run.id, state=run.state.name if run.state else "Scheduled",
+                         final=bool(run.state and run.state.is_final()), ui_url=ui(run.id), **more)
+
     def status(prefect, run) -> JobStatus:
         job = jobs.read_job(prefect, run)
-        items = [Item(**{k: v for k, v in i.items() if k != "output_uri"},
-                      video_url=f"/v1/jobs/{run.id}/items/{i['item_id']}" if i["output_uri"] else None)
+        items = [Item(item_id=i.item_id, status=i.status, error_class=i.error_class, error_message=i.error_message,
+                      frame_count=i.frame_count,
+                      video_url=f"/v1/jobs/{run.id}/items/{i.item_id}" if i.output_uri else None)
                  for i in job.items]
         counts = {"total": len(items), "succeeded": sum(i.status == "succeeded" for i in items),
                   "failed": sum(i.status == "failed" for i in items)} if items else {}
-        return JobStatus(job_id=run.id, state=run.state.name if run.state else "Scheduled",
-                         final=bool(run.state and run.state.is_final()), progress=job.progress, ui_url=ui(run.id),
-                         items=items, **counts)
+        return summary(run, progress=job.progress, items=items, **counts)
 
     @app.get("/v1/jobs", responses=ERRORS, summary="This client's recent jobs, newest first")
     def recent(name: Client, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> list[JobStatus]:
         with get_client(sync_client=True) as prefect:
-            return [JobStatus(job_id=r.id, state=r.state.name if r.state else "Scheduled",
-                              final=bool(r.state and r.state.is_final()), ui_url=ui(r.id))
-                    for r in jobs.recent_runs(prefect, name, limit)]
+            return [summary(r) for r in jobs.recent_runs(prefect, name, limit)]
 
     @app.get("/v1/jobs/{job_id}", responses=ERRORS, summary="A job's state, progress and per-item results")
     def read(job_id: UUID, name: Client) -> JobStatus:
@@ -232,10 +233,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def video(job_id: UUID, item_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9._-]{1,128}$")], name: Client):
         with get_client(sync_client=True) as prefect:
             run = owned_run(prefect, job_id, name)
-            item = next((i for i in jobs.read_job(prefect, run).items if i["item_id"] == item_id), None)
-        if item is None or not item["output_uri"]:
+            item = next((i for i in jobs.read_job(prefect, run).items if i.item_id == item_id), None)
+        if item is None or not item.output_uri:
             raise HTTPException(404, f"job {job_id} has no video for item {item_id!r}")
-        uri = item["output_uri"]
+        uri = item.output_uri
         if storage.is_local(uri):
             return FileResponse(uri, media_type="video/mp4", filename=f"{item_id}.mp4")
         fs, path = storage.filesystem(uri)

@@ -28,6 +28,8 @@ from prefect.deployments import run_deployment
 
 from common import storage
 from common.errors import InputError
+from manifests import ItemResult, read_results
+from tasks.graph import ALL_STAGES
 
 from .settings import ApiSettings
 
@@ -92,7 +94,7 @@ def stage_upload(settings: ApiSettings, portrait: Path, portrait_ext: str, audio
 class Job:
     run: FlowRun
     progress: float | None
-    items: list[dict[str, Any]]
+    items: list[ItemResult]
 
 
 def owned(run: FlowRun, client: str) -> bool:
@@ -100,30 +102,17 @@ def owned(run: FlowRun, client: str) -> bool:
 
 
 def read_job(prefect: SyncPrefectClient, run: FlowRun) -> Job:
-    """The run's progress (its progress artifact, in percent) and, once written, its results' rows."""
+    """The run's progress (its progress artifact, in percent) and, once written, its results' items."""
     artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), type=ArtifactFilterType(any_=["progress"])), limit=1)
     progress = float(artifacts[0].data) if artifacts and artifacts[0].data is not None else None
-    items = []
     output = run.parameters.get("output_uri")
     results_uri = storage.join(output, "results.parquet") if output else None
-    if results_uri and run.state and run.state.is_final() and storage.exists(results_uri):
-        frame = pd.read_parquet(io.BytesIO(storage.read_bytes(results_uri)))
-        for record in frame.to_dict("records"):
-            items.append({"item_id": record["item_id"], "status": record["status"],
-                          "error_class": _plain(record.get("error_class")),
-                          "error_message": _plain(record.get("error_message")),
-                          "frame_count": _plain(record.get("frame_count")),
-                          "output_uri": _plain(record.get("output_uri"))})
+    final = bool(run.state and run.state.is_final())
+    items = read_results(results_uri, ALL_STAGES) if final and results_uri and storage.exists(results_uri) else []
     return Job(run, progress, items)
 
 
 def recent_runs(prefect: SyncPrefectClient, client: str, limit: int) -> list[FlowRun]:
     return prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[client_tag(client)])),
                                   sort=FlowRunSort.START_TIME_DESC, limit=limit)
-
-
-def _plain(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    return value.item() if hasattr(value, "item") else value

@@ -16,7 +16,7 @@ from tasks.checks import check_locations, prepare_run
 from tasks.config import PipelineConfig
 
 from .dag import ROWS_FAILED, ItemsFailed, ManifestRender, RunResults
-from .report import RunReport, artifact_prefix
+from .report import RunReport, artifact_prefix, manifest_stem
 from .shards import ShardedRender, check_pool, sharded
 
 __all__ = ["ROWS_FAILED", "ItemsFailed", "render_manifest", "run_config"]
@@ -33,8 +33,7 @@ def run_config(config: PipelineConfig | None, backend: str | None) -> PipelineCo
 
 def render_run_name() -> str:
     """Runs are named after what they render: ``render-<manifest stem>``."""
-    uri = str(flow_run.parameters.get("manifest_uri", "manifest"))
-    return "render-" + uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+    return "render-" + manifest_stem(str(flow_run.parameters.get("manifest_uri", "manifest")))
 
 
 @flow(name="render-manifest", flow_run_name=render_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),

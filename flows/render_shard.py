@@ -19,14 +19,13 @@ from tasks.config import PipelineConfig, ShardConfig
 from tasks.graph import ALL_STAGES
 
 from .dag import ROWS_FAILED, ManifestRender, RunResults
-from .report import RunReport, artifact_prefix
+from .report import RunReport, artifact_prefix, manifest_stem
 
 
 def shard_run_name() -> str:
     """``render-<manifest stem>-<shard>of<shards>``."""
     p = flow_run.parameters
-    stem = str(p.get("manifest_uri", "manifest")).rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
-    return f"render-{stem}-{p.get('shard', 1)}of{p.get('shards', 1)}"
+    return f"render-{manifest_stem(str(p.get('manifest_uri', 'manifest')))}-{p.get('shard', 1)}of{p.get('shards', 1)}"
 
 
 @flow(name="render-shard", flow_run_name=shard_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),

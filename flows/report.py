@@ -53,10 +53,14 @@ def shown(create, *args, **kwargs):
     return None
 
 
+def manifest_stem(manifest_uri: str) -> str:
+    """What runs and artifacts are named after: the manifest's file name without ``.parquet``."""
+    return manifest_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
 def artifact_prefix(manifest_uri: str) -> str:
     """``<deployment or render>-<manifest stem>`` in the alphabet artifact keys allow."""
-    stem = manifest_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
-    raw = f"{deployment.name or 'render'}-{stem}".lower()
+    raw = f"{deployment.name or 'render'}-{manifest_stem(manifest_uri)}".lower()
     return re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")[:80] or "render"
 
 

@@ -30,6 +30,7 @@ from manifests import ManifestRow, failed, read_results
 from tasks.config import PipelineConfig, ShardConfig
 from tasks.graph import ALL_STAGES
 
+from .backfill import connect
 from .dag import ROWS_FAILED, RunResults
 from .report import shown
 
@@ -70,14 +71,8 @@ def sharded(shards: ShardConfig, valid_rows: int) -> bool:
 def check_pool(deployment: str) -> None:
     """Shards need the server the workers poll and the deployment they run; say so in one line if either is
     missing, and warn when no worker of its pool is online (the shards wait until one starts)."""
-    if not PREFECT_API_URL.value():
-        raise ConfigurationError(f"shards of {deployment} need the Prefect server that its workers poll: set "
-                                 "PREFECT_API_URL")
     with get_client(sync_client=True) as client:
-        failure = client.api_healthcheck()
-        if failure is not None:
-            raise ConfigurationError(f"the Prefect API at {PREFECT_API_URL.value()} does not answer "
-                                     f"({type(failure).__name__}); is the server running?")
+        connect(client, PREFECT_API_URL.value())  # the server its workers poll, answering
         try:
             found = client.read_deployment_by_name(deployment)
         except ObjectNotFound as exc:
