@@ -51,8 +51,7 @@ def _manifest(tmp: Path, shards: int, rows_per_shard: int, clip_seconds: float) 
     for shard in range(shards):
         for line in range(rows_per_shard):
             audio = _speech(clip_seconds + 0.04 * len(rows), tmp / f"line{len(rows)}.wav")
-            portrait = DEMO / ("astronaut.png", "astronaut_closeup.jpg")[shard % 2]
-            rows.append({"item_id": f"s{shard}-line{line}", "portrait_uri": str(portrait),
+            rows.append({"item_id": f"s{shard}-line{line}", "portrait_uri": str(DEMO / "astronaut.png"),
                          "audio_uri": str(audio), "prompt": f"take {shard}", "seed": len(rows)})
     path = tmp / "catalog.parquet"
     pd.DataFrame(rows).to_parquet(path, index=False)
