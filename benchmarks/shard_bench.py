@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,8 +96,13 @@ def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_sha
         return wall, server_cpu
     finally:
         for worker in workers:
-            os.killpg(worker.pid, 15)
-            worker.wait(timeout=30)
+            os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker that is slow to shut down must not end the benchmark
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
         time.sleep(2)
 
 
