@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from avatar_model.media.audio import container_format, probe_seconds
@@ -85,6 +86,8 @@ async def read_parts(content_type: str, chunks: AsyncIterator[bytes], folder: Pa
         async for chunk in chunks:
             parser.write(chunk)
         parser.finalize()
+    except ParseError as exc:  # a malformed body is the client's fault, never the service's
+        raise BadUpload(f"the multipart body is malformed: {exc}") from exc
     finally:
         if state["sink"] is not None:
             state["sink"].close()
