@@ -3,9 +3,10 @@
     python benchmarks/shard_bench.py [--shards 4] [--rows-per-shard 8] [--clip-seconds 6] [--database-url URL]
 
 A real `prefect server` on 127.0.0.1 (SQLite, or the PostgreSQL at ``--database-url``), `avatar-batch setup`, then
-the same manifest of preview items (a distinct clip per row, one portrait and prompt per shard) rendered through
-`avatar-batch render --shard-deployment render-shard/shard` from a fresh output, first with one process worker
-(`taskset -c 0`, `--limit 1`), then with two (cores 0 and 1). Target: 2 workers / 1 worker throughput ≥ 1.7×.
+the same manifest of preview items (a distinct clip per row, one portrait, a prompt per shard, so every shard
+costs the same) rendered through `avatar-batch render --shard-deployment render-shard/shard` from a fresh output,
+first with one process worker (`taskset -c 0`, `--limit 1`), then with two (cores 0 and 1).
+Target: 2 workers / 1 worker throughput ≥ 1.7×.
 
 The orchestration share is the part of the workers' core time not spent in the stage functions: the same rows in
 a plain loop on one core (`plain_loop.py`, no Prefect) take ``loop`` seconds, so share = 1 - loop / (wall x workers).
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from conftest import free_port  # noqa: E402 - the tests' helper
 from pipeline_bench import _speech, _start_server, _tree_cpu_seconds, print_table  # noqa: E402 - shared with the preview bench
+
+from flows.local_server import stop_process  # noqa: E402
 
 _LOOP = """
 import sys
@@ -96,13 +98,8 @@ def _sharded_render(manifest: Path, output: Path, cores: list[int], rows_per_sha
         return wall, server_cpu
     finally:
         for worker in workers:
-            os.killpg(worker.pid, signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # a worker that is slow to shut down must not end the benchmark
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(timeout=30)
+            stop_process(worker.pid)  # SIGKILL after 15 s: a worker slow to shut down must not end the benchmark
+            worker.wait(timeout=30)
         time.sleep(2)
 
 

@@ -97,6 +97,10 @@ def stop_process(pid: int) -> None:
         return
     for _ in range(60):
         try:
+            os.waitpid(pid, os.WNOHANG)  # a child of this process lingers as a zombie until it is reaped
+        except ChildProcessError:
+            pass
+        try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
