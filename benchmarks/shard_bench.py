@@ -11,6 +11,10 @@ Target: 2 workers / 1 worker throughput ≥ 1.7×.
 The orchestration share is the part of the workers' core time not spent in the stage functions: the same rows in
 a plain loop on one core (`plain_loop.py`, no Prefect) take ``loop`` seconds, so share = 1 - loop / (wall x workers).
 The server and the parent run share the same two cores with the workers.
+
+The machine's own ceiling, measured in the same run: two plain loops at once, one per core, each over half the
+rows, against the one loop over all of them. Two vCPUs are not always two cores' worth of work (a neighbour on the
+host, a shared physical core), and no orchestration can scale past what the cores do without it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,23 @@ def _manifest(tmp: Path, shards: int, rows_per_shard: int, clip_seconds: float) 
     path = tmp / "catalog.parquet"
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+def _plain_loops(manifest: Path, tmp: Path, cores: list[int]) -> float:
+    """Wall seconds of one plain loop per core in ``cores``, at once, each over its share of the manifest's rows."""
+    frame = pd.read_parquet(manifest)
+    loops = []
+    for n, core in enumerate(cores):
+        part = tmp / f"part{len(cores)}-{n}.parquet"
+        frame.iloc[n::len(cores)].to_parquet(part, index=False)
+        script = _LOOP.format(repo=str(REPO), bench=str(REPO / "benchmarks"), manifest=str(part),
+                              output=str(tmp / f"loop{len(cores)}-{n}"))
+        loops.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", script],
+                                      stdout=subprocess.DEVNULL))
+    started = time.perf_counter()
+    if any(loop.wait() != 0 for loop in loops):
+        raise RuntimeError("a plain loop failed")
+    return time.perf_counter() - started
 
 
 def _online_workers(n: int, timeout: float = 60) -> None:
@@ -121,6 +142,7 @@ def main() -> None:
         loop = float(subprocess.run(["taskset", "-c", "0", sys.executable, "-c", _LOOP.format(
             repo=str(REPO), bench=str(REPO / "benchmarks"), manifest=str(manifest), output=str(tmp / "loop"))],
             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        one_loop, two_loops = _plain_loops(manifest, tmp, [0]), _plain_loops(manifest, tmp, [0, 1])
         one, one_cpu = _sharded_render(manifest, tmp / "one", [0], args.rows_per_shard, tmp, server.pid)
         two, two_cpu = _sharded_render(manifest, tmp / "two", [0, 1], args.rows_per_shard, tmp, server.pid)
     finally:
@@ -133,6 +155,10 @@ def main() -> None:
         ("throughput, 2 pinned workers / 1 pinned worker", f"{one:.1f} s vs {two:.1f} s", f"{one / two:.2f}×",
          "≥ 1.7×", one / two >= 1.7),
         ("(info) plain loop on one core, no Prefect", f"{loop:.1f} s", "–", "–", None),
+        ("(info) the machine's ceiling: 2 plain loops, one per core, half the rows each / 1 loop",
+         f"{one_loop:.1f} s vs {two_loops:.1f} s", f"{one_loop / two_loops:.2f}×", "–", None),
+        ("(info) scaling efficiency: the throughput ratio / the machine's ceiling", "–",
+         f"{one / two / (one_loop / two_loops):.0%}", "–", None),
         ("(info) orchestration share, 1 worker", f"1 - {loop:.1f} / {one:.1f}", f"{1 - loop / one:.1%}", "–", None),
         ("(info) orchestration share, 2 workers", f"1 - {loop:.1f} / (2 x {two:.1f})",
          f"{1 - loop / (2 * two):.1%}", "–", None),

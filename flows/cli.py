@@ -72,7 +72,8 @@ def render(
     try:  # the flow checks too; here a refusal needs no flow run
         if sharded(cfg.shards, sum(r.error is None for r in rows)):
             check_locations(cfg, output)  # the shards check the rest on their machines
-            check_pool(cfg.shards.deployment)
+            if warning := check_pool(cfg.shards.deployment):  # the flow run logs it too, for the UI
+                console.print(f"[yellow]{warning}[/yellow]", highlight=False)
         else:
             check_locations(prepare_run(cfg), output)
     except ConfigurationError as exc:
@@ -245,6 +246,8 @@ def setup(
     prefect_file: Annotated[Path, typer.Option(help="deployments to register")] = Path("prefect.yaml"),
     missed_heartbeats: Annotated[int, typer.Option(min=2, help="heartbeats a run may miss before it counts as "
                                                    "crashed (its worker gone)")] = 3,
+    pending_timeout: Annotated[int, typer.Option(min=10, help="seconds a run may stay Pending (taken by a worker, "
+                                                 "not started) before it counts as crashed")] = 600,
     wait_seconds: Annotated[float, typer.Option(help="how long to wait for the API to answer")] = 0,
 ) -> None:
     """Make the Prefect server in PREFECT_API_URL ready: work pools, deployments, crash detection (repeatable)."""
@@ -269,9 +272,12 @@ def setup(
                 console.print(f"work pool {pool}: {'created' if steps.ensure_work_pool(client, pool) else 'exists'}")
             steps.register_deployments(prefect_file.resolve(), Path(os.environ.get("AVATAR_BATCH_HOME", ".")))
             console.print(f"deployments of {prefect_file}: registered")
-            created = steps.ensure_crash_automation(client, steps.crash_automation(heartbeat, missed_heartbeats))
+            created = steps.ensure_automation(client, steps.crash_automation(heartbeat, missed_heartbeats))
             console.print(f"automation '{steps.CRASH_AUTOMATION}': {'created' if created else 'updated'} (a run "
                           f"silent for {missed_heartbeats} x {heartbeat} s is marked Crashed)")
+            created = steps.ensure_automation(client, steps.pending_automation(pending_timeout))
+            console.print(f"automation '{steps.PENDING_AUTOMATION}': {'created' if created else 'updated'} (a run "
+                          f"Pending for {pending_timeout} s is marked Crashed)")
     except ConfigurationError as exc:
         console.print(f"[red]setup failed:[/red] {exc}")
         raise typer.Exit(2) from exc

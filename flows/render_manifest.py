@@ -56,8 +56,8 @@ def render_manifest(manifest_uri: str, output_uri: str, config: PipelineConfig |
     # a parent of shards neither loads models nor needs weights: each shard checks and resolves on its machine
     cfg = requested if spread else prepare_run(requested)
     check_locations(cfg, output_uri)
-    if spread:
-        check_pool(cfg.shards.deployment)
+    if spread and (warning := check_pool(cfg.shards.deployment)):
+        logger.warning(warning)
     logger.info("manifest %s: %d rows (%d invalid)", manifest_uri, len(rows), sum(r.error is not None for r in rows))
 
     def log(item: ItemResult) -> None:

@@ -1,9 +1,12 @@
 """`avatar-batch setup`: make a Prefect server ready to run avatar-batch; safe to repeat (the compose stack's job).
 
-It waits for the API, creates the work pool, registers the deployments of ``prefect.yaml`` and installs the
-automation that marks a silent flow run Crashed: the runs of those deployments send a heartbeat every
-``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (their job variables), so a run whose worker vanished stops sending
-them, ends Crashed after ``missed`` beats, and its parent dispatches the shard again.
+It waits for the API, creates the work pool, registers the deployments of ``prefect.yaml`` and installs two
+automations that mark a lost flow run Crashed, so that its parent dispatches the shard again:
+- a silent run: the runs of those deployments send a heartbeat every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds
+  (their job variables), so a run whose worker vanished stops sending them and ends Crashed after ``missed`` beats;
+- a run stuck Pending: a worker that took a run and vanished before its process started leaves it Pending with no
+  heartbeat ever sent; after ``pending_timeout`` seconds it ends Crashed (a run that starts later is refused, since
+  Crashed is final, so a shard never renders twice at once).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from common.errors import ConfigurationError
 
 CRASH_AUTOMATION = "avatar-batch: crash runs whose heartbeats stopped"
+PENDING_AUTOMATION = "avatar-batch: crash runs stuck Pending"
 HEARTBEAT_SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 TAG = "avatar-batch"  # every deployment of prefect.yaml carries it; the automation watches only their runs
 
@@ -66,29 +70,53 @@ def read_deployments(prefect_file: Path) -> tuple[set[str], int]:
     return pools, max(beats)
 
 
-def crash_automation(heartbeat: int, missed: int) -> AutomationCore:
-    """Prefect's zombie-run pattern, limited to avatar-batch's runs: after a heartbeat (or the start), expect the
-    next one, or a final state, within ``missed`` intervals; else the run is Crashed."""
+FINAL_EVENTS = frozenset({"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                          "prefect.flow-run.Crashed"})
+
+
+def _crash_when_silent(name: str, description: str, after: set[str], expect: set[str], within: timedelta,
+                       message: str) -> AutomationCore:
+    """Prefect's zombie-run pattern, limited to avatar-batch's runs: after one of ``after``, expect one of
+    ``expect`` within ``within``; else the run is Crashed."""
     return AutomationCore(
-        name=CRASH_AUTOMATION,
-        description=f"a flow run tagged {TAG} that sent no heartbeat for {missed} x {heartbeat} s lost its worker",
+        name=name,
+        description=description,
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{TAG}"},
-            after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            after=after,
+            expect=expect,
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(seconds=missed * heartbeat),
+            within=within,
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
-                                    message=f"no heartbeat for {missed * heartbeat} s: its worker is gone")],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True, message=message)],
     )
 
 
-def ensure_crash_automation(client: SyncPrefectClient, automation: AutomationCore) -> bool:
+def crash_automation(heartbeat: int, missed: int) -> AutomationCore:
+    """After a heartbeat (or the start), expect the next one, or a final state, within ``missed`` intervals."""
+    return _crash_when_silent(
+        CRASH_AUTOMATION,
+        f"a flow run tagged {TAG} that sent no heartbeat for {missed} x {heartbeat} s lost its worker",
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
+        expect={"prefect.flow-run.heartbeat", *FINAL_EVENTS}, within=timedelta(seconds=missed * heartbeat),
+        message=f"no heartbeat for {missed * heartbeat} s: its worker is gone")
+
+
+def pending_automation(pending_timeout: int) -> AutomationCore:
+    """After Pending (a worker took the run), expect Running, or a final state, within ``pending_timeout`` seconds:
+    long enough for a slow start (an image pull, a GPU node scaling up), or runs would be crashed that were
+    about to start."""
+    return _crash_when_silent(
+        PENDING_AUTOMATION, f"a flow run tagged {TAG} still Pending after {pending_timeout} s lost its worker before "
+        "it started", after={"prefect.flow-run.Pending"}, expect={"prefect.flow-run.Running", *FINAL_EVENTS},
+        within=timedelta(seconds=pending_timeout),
+        message=f"Pending for {pending_timeout} s: its worker is gone before the run started")
+
+
+def ensure_automation(client: SyncPrefectClient, automation: AutomationCore) -> bool:
     """Create or replace the automation (one of that name); True when created."""
     existing = client.read_automations_by_name(automation.name)
     for old in existing:

@@ -3,9 +3,10 @@
 The parent plans the shards (rows that share a portrait and prompt stay together, so their encodes are cached on
 one worker), keeps at most ``max_in_flight`` of them queued or running, and merges each finished shard's results
 into its own, so ``results.parquet``, the summary and the UI are the same as for a run in one process. A shard
-whose run crashed (a worker that vanished is marked Crashed by the heartbeat automation of `avatar-batch setup`)
-or whose results cannot be read is dispatched again; its finished items are found published by their render keys
-and not rendered twice. After ``attempts`` dispatches its rows fail with the shard's last state.
+whose run crashed (an automation of `avatar-batch setup` marks Crashed a run whose worker vanished: its heartbeats
+stopped, or it never left Pending) or whose results cannot be read is dispatched again; its finished items are
+found published by their render keys and not rendered twice. After ``attempts`` dispatches its rows fail with the
+shard's last state.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def sharded(shards: ShardConfig, valid_rows: int) -> bool:
     return shards.deployment is not None and valid_rows >= shards.min_rows
 
 
-def check_pool(deployment: str) -> None:
-    """Shards need the server the workers poll and the deployment they run; say so in one line if either is
-    missing, and warn when no worker of its pool is online (the shards wait until one starts)."""
+def check_pool(deployment: str) -> str | None:
+    """Shards need the server the workers poll and the deployment they run: say so in one line if either is
+    missing. Returns a warning when no worker of its pool is online (the shards wait until one starts)."""
     with get_client(sync_client=True) as client:
         connect(client, PREFECT_API_URL.value())  # the server its workers poll, answering
         try:
@@ -80,8 +81,8 @@ def check_pool(deployment: str) -> None:
                                      "(or `prefect deploy --all`)") from exc
         if found.work_pool_name and not any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(
                 found.work_pool_name)):
-            get_run_logger().warning("no worker of pool %s is online: the shards wait until one starts",
-                                     found.work_pool_name)
+            return f"no worker of pool {found.work_pool_name} is online: the shards wait until one starts"
+    return None
 
 
 @dataclass

@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import (
     ArtifactCollectionFilter,
     ArtifactCollectionFilterKey,
     FlowRunFilter,
+    FlowRunFilterDeploymentId,
     FlowRunFilterName,
 )
 
@@ -41,6 +42,14 @@ def _worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:
 def _shard_runs(client: SyncPrefectClient, stem: str) -> list:
     like = FlowRunFilter(name=FlowRunFilterName(like_=f"render-{stem}-"))
     return client.read_flow_runs(flow_run_filter=like)
+
+
+def _runs_of(client: SyncPrefectClient, manifest: Path) -> list:
+    """The shard runs of one manifest, named or not (a run is named when it starts)."""
+    shard = client.read_deployment_by_name("render-shard/shard")
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
+        any_=[shard.id])))
+    return [run for run in runs if run.parameters.get("manifest_uri") == str(manifest)]
 
 
 def _parent_pid(pid: int) -> int:
@@ -138,3 +147,63 @@ def test_sharded_manifest_survives_a_killed_worker(tmp_path, catalog12, prefect_
                          "select count(*) from flow_run where name like 'render-catalog12-%'"],
                         capture_output=True, text=True, check=True)
     assert int(pg.stdout.strip()) == len(runs) == 5
+
+
+def test_a_shard_left_pending_by_a_vanished_worker_is_crashed_and_dispatched_again(tmp_path, catalog12,
+                                                                                    prefect_server_pg, cli):
+    """A worker that took a shard (Pending) and vanished before starting its process leaves no heartbeat to miss:
+    the Pending automation crashes the run, and the parent dispatches the shard to a worker that is alive."""
+    from prefect.states import Pending
+
+    from flows.setup import ensure_automation, pending_automation
+
+    api = prefect_server_pg["PREFECT_API_URL"]
+    env = {**os.environ, **prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    setup = cli(["setup", "--missed-heartbeats", "2", "--pending-timeout", "10"],
+                {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
+    assert setup.returncode == 0 and "Pending for 10 s is marked Crashed" in setup.stderr, setup.stderr
+    manifest, out = tmp_path / "three.parquet", tmp_path / "out"
+    pd.read_parquet(catalog12[0]).head(3).to_parquet(manifest, index=False)  # one portrait and prompt: one shard
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"shards": {"min_rows": 1, "poll_seconds": 1}}))
+    with SyncPrefectClient(api) as client:  # the workers an earlier test stopped may still count as online
+        for gone in client.read_workers_for_work_pool("avatar-render"):
+            client.request("DELETE", "/work_pools/{work_pool_name}/workers/{name}",
+                           path_params={"work_pool_name": "avatar-render", "name": gone.name})
+    render = subprocess.Popen([str(BIN / "avatar-batch"), "render", str(manifest), "--output", str(out),
+                               "--config", str(config), "--shard-deployment", "render-shard/shard",
+                               "--rows-per-shard", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    worker = None
+    try:
+        with SyncPrefectClient(api) as client:
+            deadline = time.monotonic() + 120
+            while not (runs := _runs_of(client, manifest)):
+                if render.poll() is not None or time.monotonic() > deadline:
+                    render.kill()
+                    pytest.fail(f"the shard was never dispatched: {render.communicate()[1][-3000:]}")
+                time.sleep(0.2)
+            (taken,) = runs
+            # what a worker does when it takes a run, and then nothing: it is gone
+            assert client.set_flow_run_state(taken.id, Pending()).status.value == "ACCEPT"
+        worker = _worker(env, "worker-alive", tmp_path / "worker.log")
+        stdout, stderr = render.communicate(timeout=300)
+    finally:
+        render.kill()
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+        with SyncPrefectClient(api) as client:
+            ensure_automation(client, pending_automation(600))  # the default again, for other runs on this server
+    assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert "no worker of pool avatar-render is online: the shards wait until one starts" in stderr  # one line
+    results = pd.read_parquet(out / "results.parquet")
+    assert list(results["row"]) == [0, 1, 2] and (results["status"] == "succeeded").all()
+    with SyncPrefectClient(api) as client:
+        runs = {run.id: run for run in _runs_of(client, manifest)}
+    assert runs[taken.id].state.name == "Crashed", runs[taken.id].state
+    assert "Pending for 10 s" in (runs[taken.id].state.message or "")
+    (again,) = [run for run in runs.values() if run.id != taken.id]
+    assert again.state.name == "Completed" and again.parameters["rows"] == [0, 1, 2]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from common.errors import ConfigurationError
-from flows.setup import crash_automation, read_deployments
+from flows.setup import crash_automation, pending_automation, read_deployments
 from flows.shards import plan_shards, sharded
 from manifests import ManifestRow
 from tasks.config import ShardConfig
@@ -74,3 +74,15 @@ def test_the_crash_automation_watches_only_avatar_batch_runs_for_missed_heartbea
     related = automation.model_dump(mode="json")["trigger"]["match_related"]
     assert related == {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.avatar-batch"}
     assert automation.actions[0].state.value == "CRASHED"
+
+
+def test_the_pending_automation_crashes_a_run_its_worker_never_started():
+    automation = pending_automation(pending_timeout=600)
+    trigger = automation.trigger
+    assert trigger.within.total_seconds() == 600 and trigger.posture == "Proactive"
+    assert trigger.after == {"prefect.flow-run.Pending"}
+    assert "prefect.flow-run.Running" in trigger.expect and "prefect.flow-run.Crashed" in trigger.expect
+    assert "prefect.flow-run.heartbeat" not in trigger.expect  # no run sends one before it starts
+    related = automation.model_dump(mode="json")["trigger"]["match_related"]
+    assert related == {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.avatar-batch"}
+    assert automation.actions[0].state.value == "CRASHED" and "Pending for 600 s" in automation.actions[0].message
