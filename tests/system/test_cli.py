@@ -73,12 +73,17 @@ def test_bad_configuration_exits_2_naming_the_problem(tmp_path, demo_dir, cli):
     assert not (tmp_path / "out").exists()
 
 
-def _task_run_count(api_url: str) -> int:
+def _run_count(api_url: str, runs: str = "task_runs") -> int:
     import httpx
 
-    response = httpx.post(f"{api_url}/task_runs/count", json={}, timeout=30)
+    response = httpx.post(f"{api_url}/{runs}/count", json={}, timeout=30)
     response.raise_for_status()
     return int(response.json())
+
+
+def _background_api(env: dict[str, str]) -> str:
+    """The API of this machine's background server (the one in `env`'s state folder)."""
+    return f"http://127.0.0.1:{json.loads((Path(env['AVATAR_BATCH_STATE']) / 'server.json').read_text())['port']}/api"
 
 
 def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_dir, prefect_server, cli):
@@ -87,7 +92,7 @@ def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_d
     assert checked.returncode == 2
     assert "mp_rank_00_model_states.pt" in checked.stdout and "detface.pt" in checked.stdout
 
-    before = _task_run_count(prefect_server["PREFECT_API_URL"])
+    before = _run_count(prefect_server["PREFECT_API_URL"])
     cases = {"weights": {"backend": "hunyuan-avatar", "diffusion": {"weights_dir": str(weights)}},
              "25 fps": {"backend": "hunyuan-avatar", "video": {"fps": 30}}}
     for expected, settings in cases.items():
@@ -99,7 +104,7 @@ def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_d
         assert "run refused" in done.stderr and expected in done.stderr
         assert "Traceback" not in done.stderr.split("run refused")[1]
     assert not (tmp_path / "out").exists()
-    assert _task_run_count(prefect_server["PREFECT_API_URL"]) == before, "no task ran"
+    assert _run_count(prefect_server["PREFECT_API_URL"]) == before, "no task ran"
 
 
 def test_a_render_in_a_terminal_shows_one_progress_bar_and_no_error_lines(tmp_path, inputs_with_a_bad_row):
@@ -152,7 +157,8 @@ def _clean(done: subprocess.CompletedProcess) -> str:
 
 def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port):
     """`make demo` starts this machine's server and renders through it (its run linked); two renders at once,
-    through that server and then each with a temporary server of its own, both succeed cleanly."""
+    through that server and then each with a temporary server of its own, both succeed cleanly; the server's
+    database is its own file under the state folder, so a restarted server still shows the earlier runs."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "AVATAR_BATCH_STATE": str(tmp_path / "state")}
     env.pop("PREFECT_API_URL", None)
@@ -173,6 +179,15 @@ def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port):
                 stdout, stderr = process.communicate(timeout=600)
                 _clean(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
                 assert process.returncode == 0, stderr[-3000:]
+            if server == "shared":
+                assert (tmp_path / "state" / "prefect" / "prefect.db").is_file()
+                shared_runs = _run_count(_background_api(env), "flow_runs")
+                assert shared_runs >= 3, "the demo's run and the two renders'"
+
+        subprocess.run([str(BIN / "avatar-batch"), "server", "start", "--port", str(port)], env=env, check=True,
+                       timeout=300)
+        restarted_runs = _run_count(_background_api(env), "flow_runs")
+        assert restarted_runs == shared_runs, "a restarted server keeps its history, and only its own"
     finally:
         subprocess.run([str(BIN / "avatar-batch"), "server", "stop"], env=env, check=False, timeout=120)
 
