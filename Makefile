@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 PORT ?= 4200
+TEST_WORKERS ?= 2
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
@@ -26,8 +27,10 @@ demo: install
 	$(BIN)/avatar-batch server start --port $(PORT)
 	$(BIN)/avatar-batch render manifests/demo.parquet --output $(OUT)
 
+# two pytest-xdist workers (the 2-core CI machine): most system tests wait on servers, workers and heartbeats,
+# so a second stream of tests fills that time; worksteal balances the few long tests
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 bench: install
 	$(BIN)/python benchmarks/pipeline_bench.py

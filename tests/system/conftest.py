@@ -28,6 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """End a process started with ``start_new_session``, its children with it: SIGTERM, then SIGKILL after
+    ``grace_s``. A `prefect worker` turns SIGTERM into a SIGINT to itself, which does nothing when the test run
+    was started with SIGINT ignored (a background job of a non-interactive shell)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 @pytest.fixture()
 def port() -> int:
     """A free port on 127.0.0.1."""
@@ -250,6 +264,4 @@ def job_api(tmp_path_factory, prefect_server):
         yield url, root, server
     finally:
         for process in (server, worker):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+            stop_group(process)

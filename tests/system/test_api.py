@@ -126,12 +126,12 @@ def test_tokens_limits_and_confinement(job_api, demo_dir):
     assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
 
 
-def test_schemathesis_finds_no_server_errors_or_schema_violations(job_api):
+def test_schemathesis_finds_no_server_errors_or_schema_violations(job_api, tmp_path):
     url, _, _ = job_api
     done = subprocess.run([str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--max-examples", "25",
                            "--header", f"Authorization: Bearer {TOKENS['studio-a']}",
                            "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
-                           "--no-color"], capture_output=True, text=True, timeout=600, check=False)
+                           "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-6000:]
     print(said[-1500:])

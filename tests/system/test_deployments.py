@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import stop_group
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -55,8 +56,7 @@ def worker(prefect_server):
                                 "process"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     yield process
-    os.killpg(process.pid, 15)
-    process.wait(timeout=30)
+    stop_group(process)
     log.close()
 
 

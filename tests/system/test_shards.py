@@ -16,6 +16,7 @@ from pathlib import Path
 import av
 import pandas as pd
 import pytest
+from conftest import stop_group
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactCollectionFilter,
@@ -96,9 +97,7 @@ def test_sharded_manifest_survives_a_killed_worker(tmp_path, catalog12, prefect_
     finally:
         render.kill()
         for worker in workers.values():
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(timeout=30)
+            stop_group(worker)
     assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
 
@@ -192,8 +191,7 @@ def test_a_shard_left_pending_by_a_vanished_worker_is_crashed_and_dispatched_aga
     finally:
         render.kill()
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+            stop_group(worker)
         with SyncPrefectClient(api) as client:
             ensure_automation(client, pending_automation(600))  # the default again, for other runs on this server
     assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]

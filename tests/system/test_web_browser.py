@@ -4,7 +4,6 @@ and a WAV, render with `preview` through the job API, and the result plays in th
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_TOKENS, free_port
+from conftest import API_TOKENS, free_port, stop_group
 
 pytestmark = pytest.mark.system
 BIN = Path(sys.executable).parent
@@ -40,8 +39,7 @@ def web(job_api, tmp_path):
             time.sleep(0.5)
         yield address
     finally:
-        os.killpg(page.pid, signal.SIGTERM)
-        page.wait(timeout=30)
+        stop_group(page)
 
 
 def test_a_line_uploaded_in_the_page_renders_and_plays(web, demo_dir, tmp_path):
