@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterDeploymentId,
     FlowRunFilterName,
 )
+from prefect.exceptions import ObjectNotFound
 
 from tasks.graph import GRAPHS
 
@@ -60,6 +61,11 @@ def _parent_pid(pid: int) -> int:
 def test_sharded_manifest_survives_a_killed_worker(tmp_path, catalog12, prefect_server_pg, postgres_url, cli):
     env = {**os.environ, **prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    with SyncPrefectClient(prefect_server_pg["PREFECT_API_URL"]) as client:  # another test may have made it
+        try:
+            client.delete_work_pool("avatar-render")
+        except ObjectNotFound:
+            pass
     setup = cli(["setup", "--missed-heartbeats", "2"], {**prefect_server_pg, "AVATAR_BATCH_HOME": str(REPO)})
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert "work pool avatar-render: created" in setup.stderr and "silent for 2 x 30 s" in setup.stderr
