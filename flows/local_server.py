@@ -99,6 +99,9 @@ def start(port: int = DEFAULT_PORT, timeout_s: float = 120.0) -> LocalServer:
 
 
 def stop_process(pid: int) -> None:
+    """SIGTERM the process group of ``pid`` (started with ``start_new_session``), SIGKILL it after 15 s: a
+    `prefect worker` answers SIGTERM with a SIGINT to itself, which does nothing where SIGINT is ignored (a
+    background job of a non-interactive shell)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -18,6 +18,8 @@ import httpx
 import pandas as pd
 import pytest
 
+from flows.local_server import stop_process
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,20 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """End a process started with ``start_new_session``, its children with it: SIGTERM, then SIGKILL after
-    ``grace_s``. A `prefect worker` turns SIGTERM into a SIGINT to itself, which does nothing when the test run
-    was started with SIGINT ignored (a background job of a non-interactive shell)."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 @pytest.fixture()
@@ -264,4 +252,5 @@ def job_api(tmp_path_factory, prefect_server):
         yield url, root, server
     finally:
         for process in (server, worker):
-            stop_group(process)
+            stop_process(process.pid)
+            process.wait(timeout=30)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import stop_group
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+from flows.local_server import stop_process
 
 pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +57,8 @@ def worker(prefect_server):
                                 "process"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     yield process
-    stop_group(process)
+    stop_process(process.pid)
+    process.wait(timeout=30)
     log.close()
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import av
 import pandas as pd
 import pytest
-from conftest import stop_group
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactCollectionFilter,
@@ -27,6 +26,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.exceptions import ObjectNotFound
 
+from flows.local_server import stop_process
 from tasks.graph import GRAPHS
 
 pytestmark = pytest.mark.system
@@ -103,7 +103,8 @@ def test_sharded_manifest_survives_a_killed_worker(tmp_path, catalog12, prefect_
     finally:
         render.kill()
         for worker in workers.values():
-            stop_group(worker)
+            stop_process(worker.pid)
+            worker.wait(timeout=30)
     assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
 
@@ -197,7 +198,8 @@ def test_a_shard_left_pending_by_a_vanished_worker_is_crashed_and_dispatched_aga
     finally:
         render.kill()
         if worker is not None:
-            stop_group(worker)
+            stop_process(worker.pid)
+            worker.wait(timeout=30)
         with SyncPrefectClient(api) as client:
             ensure_automation(client, pending_automation(600))  # the default again, for other runs on this server
     assert render.returncode == 0, stdout[-3000:] + stderr[-3000:]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_TOKENS, free_port, stop_group
+from conftest import API_TOKENS, free_port
+
+from flows.local_server import stop_process
 
 pytestmark = pytest.mark.system
 BIN = Path(sys.executable).parent
@@ -39,7 +41,8 @@ def web(job_api, tmp_path):
             time.sleep(0.5)
         yield address
     finally:
-        stop_group(page)
+        stop_process(page.pid)
+        page.wait(timeout=30)
 
 
 def test_a_line_uploaded_in_the_page_renders_and_plays(web, demo_dir, tmp_path):
