@@ -38,11 +38,6 @@ def home() -> Path:
     return Path(os.environ.get("AVATAR_BATCH_STATE") or Path.home() / ".avatar-batch")
 
 
-def database(root: Path) -> Path:
-    """The server's SQLite file, kept across stops and starts so its history persists."""
-    return root / "prefect" / "prefect.db"
-
-
 def _state_file() -> Path:
     return home() / "server.json"
 
@@ -78,10 +73,11 @@ def start(port: int = DEFAULT_PORT, timeout_s: float = 120.0) -> LocalServer:
     root = home()
     (root / "prefect").mkdir(parents=True, exist_ok=True)
     # the database is named, not inherited: the launching command may carry the URL of its own temporary
-    # database, which it deletes when it exits (the server would then lose every new connection)
+    # database, which it deletes when it exits (the server would then lose every new connection and, on a
+    # restart, its history)
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{database(root)}"}
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
     env.pop("PREFECT_API_URL", None)
     with open(root / "server.log", "ab") as log:
         process = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",

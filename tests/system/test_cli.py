@@ -81,11 +81,6 @@ def _run_count(api_url: str, runs: str = "task_runs") -> int:
     return int(response.json())
 
 
-def _background_api(env: dict[str, str]) -> str:
-    """The API of this machine's background server (the one in `env`'s state folder)."""
-    return f"http://127.0.0.1:{json.loads((Path(env['AVATAR_BATCH_STATE']) / 'server.json').read_text())['port']}/api"
-
-
 def test_hunyuan_avatar_run_level_checks_exit_2_before_any_task(tmp_path, demo_dir, prefect_server, cli):
     weights = tmp_path / "weights"
     checked = cli(["weights", "check", "--weights-dir", str(weights)], {})
@@ -155,13 +150,16 @@ def _clean(done: subprocess.CompletedProcess) -> str:
     return said
 
 
-def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port):
+def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port, monkeypatch):
     """`make demo` starts this machine's server and renders through it (its run linked); two renders at once,
     through that server and then each with a temporary server of its own, both succeed cleanly; the server's
     database is its own file under the state folder, so a restarted server still shows the earlier runs."""
     repo = Path(__file__).resolve().parents[2]
+    from flows import local_server
+
     env = {**os.environ, "AVATAR_BATCH_STATE": str(tmp_path / "state")}
     env.pop("PREFECT_API_URL", None)
+    monkeypatch.setenv("AVATAR_BATCH_STATE", env["AVATAR_BATCH_STATE"])  # local_server.running() finds it
     try:
         demo = subprocess.run(["make", "-C", str(repo), "demo", f"OUT={tmp_path / 'demo'}", f"PORT={port}"],
                               env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -181,12 +179,12 @@ def test_make_demo_and_two_renders_at_once_print_no_error_line(tmp_path, port):
                 assert process.returncode == 0, stderr[-3000:]
             if server == "shared":
                 assert (tmp_path / "state" / "prefect" / "prefect.db").is_file()
-                shared_runs = _run_count(_background_api(env), "flow_runs")
+                shared_runs = _run_count(local_server.running().api_url, "flow_runs")
                 assert shared_runs >= 3, "the demo's run and the two renders'"
 
         subprocess.run([str(BIN / "avatar-batch"), "server", "start", "--port", str(port)], env=env, check=True,
                        timeout=300)
-        restarted_runs = _run_count(_background_api(env), "flow_runs")
+        restarted_runs = _run_count(local_server.running().api_url, "flow_runs")
         assert restarted_runs == shared_runs, "a restarted server keeps its history, and only its own"
     finally:
         subprocess.run([str(BIN / "avatar-batch"), "server", "stop"], env=env, check=False, timeout=120)
